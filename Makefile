@@ -1,0 +1,31 @@
+# agentgate: `make run` starts the gateway with embedded defaults; `make test` runs the suite.
+# Dependencies are installed only from requirements.lock (every package pinned and hash-checked).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install lock bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/agentgate run
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Regenerate the lock after changing dependencies in pyproject.toml (needs pip-tools).
+lock:
+	$(PY) -m pip install --quiet pip-tools
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test \
+		-o requirements.lock pyproject.toml
+
+clean:
+	rm -rf $(VENV) .agentgate

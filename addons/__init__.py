@@ -1,0 +1,1 @@
+"""mitmproxy addons: thin adapters from mitmproxy flows to the core pipeline."""

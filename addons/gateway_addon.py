@@ -1,0 +1,164 @@
+"""The mitmproxy side of the forward proxy: translate flows to and from the core pipeline.
+
+mitmproxy makes the upstream exchange itself (TLS interception, HTTP/2, streaming are what it
+is for); everything else — identity, policy, audit — is the core pipeline's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from collections.abc import Sequence
+
+from mitmproxy import connection, ctx, exceptions, http
+
+from gateway.errors import CALL_ID_HEADER, GatewayError, UpstreamError, error_body
+from gateway.models import Call, GatewayRequest, Identity
+from gateway.pipeline import Pipeline
+
+log = logging.getLogger("agentgate.forward")
+
+CALL_KEY = "agentgate.call"
+
+
+def error_flow_response(err: GatewayError, call_id: str) -> http.Response:
+    headers = {CALL_ID_HEADER: call_id, "Content-Type": "application/json", **err.headers}
+    return http.Response.make(err.status, error_body(err.code, err.message, call_id), headers)
+
+
+def _split_path(raw: bytes) -> tuple[str, str]:
+    path, _, query = raw.decode("latin-1").partition("?")
+    return path or "/", query
+
+
+class _ByteCounter:
+    """A pass-through ``response.stream`` callable that counts what the agent was sent."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.count += len(chunk)
+        return chunk
+
+
+@dataclass(slots=True)
+class _Tunnel:
+    identity: Identity
+    host: str
+
+
+class AgentGate:
+    """Forward-proxy adapter. A CONNECT tunnel is authenticated once; its identity is bound to
+    the client connection and re-checked for expiry on every request inside it."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.tunnels: weakref.WeakKeyDictionary[connection.Client, _Tunnel] = weakref.WeakKeyDictionary()
+        self._stream_types: tuple[str, ...] = ("text/event-stream",)
+
+    # -- mitmproxy addon protocol ------------------------------------------------------
+    def load(self, loader) -> None:
+        loader.add_option(
+            "agentgate_stream_content_types", Sequence[str], ["text/event-stream"],
+            "Response content types relayed to the agent as they arrive instead of buffered.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "agentgate_stream_content_types" in updated:
+            types = ctx.options.agentgate_stream_content_types
+            bad = [t for t in types if "/" not in t or t != t.strip().lower()]
+            if bad:
+                raise exceptions.OptionsError(
+                    f"agentgate_stream_content_types: not a lower-case media type: {', '.join(bad)}")
+            self._stream_types = tuple(types)
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        try:
+            identity = await self.pipeline.authenticate(
+                "forward", flow.request.headers.get("proxy-authorization"))
+        except GatewayError as err:
+            call = Call(request=self._gateway_request(flow))
+            self._refuse(flow, call, err)
+            return
+        self.tunnels[flow.client_conn] = _Tunnel(identity, flow.request.host)
+        flow.request.headers.pop("proxy-authorization", None)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None:
+            return
+        tunnel = self.tunnels.get(flow.client_conn)
+        call = Call(request=self._gateway_request(flow, tunnel))
+        credential = flow.request.headers.get("proxy-authorization")
+        try:
+            await self.pipeline.admit(call, credential=credential,
+                                      identity=tunnel.identity if tunnel else None)
+        except GatewayError as err:
+            self._refuse(flow, call, err)
+            return
+        except Exception:  # noqa: BLE001 - never let a bug leave a call unaudited or let it through
+            log.exception("internal error on call %s", call.call_id)
+            self._refuse(flow, call, GatewayError("internal gateway error"))
+            return
+        flow.request.headers.pop("proxy-authorization", None)
+        if credential and flow.request.headers.get("authorization") == credential:
+            del flow.request.headers["authorization"]  # never forward the agent's own JWT
+        # What policy judged is what goes upstream: the canonical path (and host, outside a tunnel).
+        flow.request.path = call.canonical_path + (f"?{call.request.query}" if call.request.query else "")
+        if tunnel is None:
+            flow.request.host = call.canonical_host
+        flow.metadata[CALL_KEY] = call
+        call.upstream_started = time.perf_counter()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.get(CALL_KEY)
+        if call is None or flow.response is None:
+            return
+        flow.response.headers[CALL_ID_HEADER] = call.call_id
+        ctype = flow.response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype in self._stream_types:
+            counter = _ByteCounter()
+            flow.metadata["agentgate.counter"] = counter
+            flow.response.stream = counter
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.get(CALL_KEY)
+        if call is None or flow.response is None:
+            return
+        counter: _ByteCounter | None = flow.metadata.get("agentgate.counter")
+        size = counter.count if counter else len(flow.response.raw_content or b"")
+        self.pipeline.finish(call, status=flow.response.status_code, response_bytes=size)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.get(CALL_KEY)
+        if call is None or call.finished:
+            return
+        message = flow.error.msg if flow.error else "unknown upstream failure"
+        self.pipeline.fail(call, UpstreamError(f"upstream failed: {message}", code="upstream_error"))
+
+    # -- translation -------------------------------------------------------------------
+    def _gateway_request(self, flow: http.HTTPFlow, tunnel: _Tunnel | None = None) -> GatewayRequest:
+        req = flow.request
+        path, query = _split_path(req.data.path) if req.method != "CONNECT" else ("/", "")
+        host = req.host
+        connect_host = None
+        host_header = req.host_header
+        if tunnel is not None and host_header:
+            # Inside a CONNECT tunnel the Host header (or :authority) must name the tunnel's target.
+            connect_host = tunnel.host
+            host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+        body = req.get_content(strict=False) if req.method != "CONNECT" else b""
+        return GatewayRequest(
+            mode="forward", method=req.method, scheme=req.scheme, host=host, port=req.port,
+            path=path, query=query, headers=list(req.headers.items(multi=True)), body=body or b"",
+            client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else "",
+            connect_host=connect_host,
+        )
+
+    def _refuse(self, flow: http.HTTPFlow, call: Call, err: GatewayError) -> None:
+        self.pipeline.fail(call, err)
+        flow.response = error_flow_response(err, call.call_id)

@@ -1,0 +1,131 @@
+"""Wire the gateway together: one process, one asyncio loop, three listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from addons.embed import EmbeddedProxy
+from addons.gateway_addon import AgentGate
+from gateway.admin import AdminApi
+from gateway.config import Config
+from gateway.devkey import ensure_dev_key, public_pem
+from gateway.identity import JwtVerifier
+from gateway.metrics import Metrics
+from gateway.pipeline import Pipeline
+from gateway.policy import make_engine
+from gateway.registry import AgentRegistry
+from gateway.routes import RouteFrontEnd
+from gateway.upstream import RouteUpstream
+from storage.audit import AuditWriter
+from storage.store import Store
+
+log = logging.getLogger("agentgate")
+
+MAX_REQUEST_BODY = 64 << 20
+
+
+@dataclass
+class Listeners:
+    proxy: tuple[str, int] | None
+    routes: tuple[str, int]
+    admin: tuple[str, int]
+
+
+def _split(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Gateway:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.instance = f"{socket.gethostname()}:{cfg.listen.routes}"
+        self._runners: list[web.AppRunner] = []
+        self.proxy: EmbeddedProxy | None = None
+        self.listeners: Listeners | None = None
+
+    async def start(self) -> Listeners:
+        cfg = self.cfg
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        dev_pub = public_pem(ensure_dev_key(cfg.dev_key_path)) if cfg.identity.dev_signing_key else None
+        registry = AgentRegistry.load(cfg.identity.registry_file) if cfg.identity.registry_file else None
+        self.metrics = Metrics()
+        self.verifier = JwtVerifier(cfg.identity, dev_public_key_pem=dev_pub, registry=registry)
+        self.engine = make_engine(cfg.policy, {"agents": registry.as_data() if registry else {}})
+        await self.engine.start()
+        self.store = Store(cfg.audit_dsn, database=cfg.audit.database, ttl_days=cfg.audit.ttl_days)
+        await self.store.open()
+        self.audit = AuditWriter(self.store, batch_size=cfg.audit.batch_size,
+                                 flush_interval_seconds=cfg.audit.flush_interval_seconds,
+                                 queue_max=cfg.audit.queue_max, instance=self.instance)
+        await self.audit.start()
+        self.pipeline = Pipeline(cfg, verifier=self.verifier, engine=self.engine, audit=self.audit,
+                                 metrics=self.metrics, instance=self.instance)
+        self.upstream = RouteUpstream(cfg)
+        await self.upstream.start()
+        routes = RouteFrontEnd(self.pipeline, self.upstream, max_body=MAX_REQUEST_BODY)
+        admin = AdminApi(verifier=self.verifier, engine=self.engine, store=self.store,
+                         audit=self.audit, metrics=self.metrics, sql_row_limit=cfg.audit.sql_row_limit)
+        routes_addr = await self._serve(routes.app(), cfg.listen.routes)
+        admin_addr = await self._serve(admin.app(), cfg.listen.admin)
+        proxy_addr = None
+        if cfg.listen.proxy_enabled:
+            host, port = _split(cfg.listen.proxy)
+            self.proxy = EmbeddedProxy(
+                host=host, port=port, confdir=cfg.ca_dir, addon=AgentGate(self.pipeline),
+                upstream_ca_file=cfg.proxy.upstream_ca_file,
+                verify_upstream_tls=cfg.proxy.verify_upstream_tls,
+                idle_seconds=cfg.proxy.connection_idle_seconds)
+            await self.proxy.start()
+            proxy_addr = self.proxy.addresses[0]
+        self.listeners = Listeners(proxy=proxy_addr, routes=routes_addr, admin=admin_addr)
+        log.info("agentgate up: proxy %s, routes %s, admin %s, policy %s revision %s",
+                 proxy_addr, routes_addr, admin_addr, self.engine.name, self.engine.revision)
+        return self.listeners
+
+    async def _serve(self, app: web.Application, hostport: str) -> tuple[str, int]:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = _split(hostport)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        addr = sock.getsockname()
+        return addr[0], addr[1]
+
+    async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        await self.upstream.close()
+        await self.audit.close()
+        await self.store.close()
+        await self.engine.close()
+        await self.verifier.close()
+
+
+async def serve_forever(cfg: Config) -> None:
+    gateway = Gateway(cfg)
+    listeners = await gateway.start()
+    def fmt(addr: tuple[str, int] | None) -> str:
+        return "off" if addr is None else f"{addr[0]}:{addr[1]}"
+
+    print(f"agentgate listening: proxy={fmt(listeners.proxy)} routes={fmt(listeners.routes)} "
+          f"admin={fmt(listeners.admin)}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()

@@ -1,0 +1,223 @@
+"""The ``agentgate`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Config, ConfigError, load_config
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.app import serve_forever
+
+    cfg = _config(args)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_forever(cfg))
+    return 0
+
+
+def cmd_token_mint(args: argparse.Namespace) -> int:
+    from gateway.devkey import ensure_dev_key, mint_token, parse_ttl
+
+    cfg = _config(args)
+    if not cfg.identity.dev_signing_key:
+        raise ConfigError("token mint signs with the dev key: set identity.dev_signing_key = true")
+    if "EdDSA" not in cfg.identity.algorithms:
+        raise ConfigError("token mint makes EdDSA tokens, but identity.algorithms does not allow EdDSA")
+    roles = [r.strip() for r in (args.roles or "").split(",") if r.strip()]
+    token = mint_token(
+        ensure_dev_key(cfg.dev_key_path), agent=args.agent, team=args.team, roles=roles,
+        ttl_seconds=parse_ttl(args.ttl), issuer=cfg.identity.issuer, audience=cfg.identity.audience,
+        team_claim=cfg.identity.team_claim, roles_claim=cfg.identity.roles_claim)
+    print(token)
+    return 0
+
+
+def _extra_data(cfg: Config) -> dict[str, Any]:
+    from gateway.registry import AgentRegistry
+
+    registry = AgentRegistry.load(cfg.identity.registry_file) if cfg.identity.registry_file else None
+    return {"agents": registry.as_data() if registry else {}}
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from gateway.policy.bundle import run_tests
+
+    cfg = _config(args)
+    bundle_dir = Path(args.dir) if args.dir else cfg.policy.dir
+    results = run_tests(bundle_dir, _extra_data(cfg))
+    failed = [r for r in results if not r.passed]
+    for r in results:
+        status = "PASS" if r.passed else "FAIL"
+        detail = f" ({r.error})" if r.error else ""
+        if args.verbose or not r.passed:
+            print(f"{status} data.{r.package}.{r.name}{detail}")
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed or not results else 0
+
+
+def cmd_policy_eval(args: argparse.Namespace) -> int:
+    from gateway.models import Decision
+    from gateway.policy import make_engine
+
+    cfg = _config(args)
+    doc = json.loads(Path(args.input).read_text()) if args.input != "-" else json.load(sys.stdin)
+    if isinstance(doc, dict) and set(doc) == {"input"}:
+        doc = doc["input"]  # accept OPA's {"input": ...} wrapping too
+
+    async def evaluate() -> Any:
+        engine = make_engine(cfg.policy.model_copy(update={"hot_reload": False}), _extra_data(cfg))
+        await engine.start()
+        try:
+            return await engine.evaluate(doc)
+        finally:
+            await engine.close()
+
+    result = asyncio.run(evaluate())
+    print(json.dumps(result, indent=2, sort_keys=True))
+    try:
+        Decision.model_validate(result)
+    except ValueError as exc:
+        print(f"warning: the result does not match the decision contract: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _admin_call(args: argparse.Namespace, path: str, payload: dict[str, Any]) -> Any:
+    token = args.token or os.environ.get("AGENTGATE_TOKEN")
+    if not token:
+        raise ConfigError("an admin token is needed: pass --token or set AGENTGATE_TOKEN")
+    base = args.admin_url or _config(args).admin_url
+    req = urllib.request.Request(
+        base.rstrip("/") + path, data=json.dumps(payload).encode(), method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.load(exc)["error"]
+            message = f"{err['code']}: {err['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        raise SystemExit(f"agentgate: admin API refused: {message}") from None
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"agentgate: cannot reach the admin API at {base}: {exc.reason}") from None
+
+
+def _print_table(columns: list[str], rows: list[list[Any]]) -> None:
+    cells = [[("" if v is None else v if isinstance(v, str) else json.dumps(v)) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def cmd_audit_sql(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"sql": args.sql}
+    if args.limit:
+        payload["limit"] = args.limit
+    result = _admin_call(args, "/v1/audit/sql", payload)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_table(result["columns"], result["rows"])
+    return 0
+
+
+def cmd_ca_path(args: argparse.Namespace) -> int:
+    from mitmproxy import certs
+
+    cfg = _config(args)
+    cfg.ca_dir.mkdir(parents=True, exist_ok=True)
+    certs.CertStore.from_store(str(cfg.ca_dir), "mitmproxy", 2048)  # creates the CA on first use
+    print(cfg.ca_cert_path.resolve())
+    return 0
+
+
+def cmd_demo_upstream(args: argparse.Namespace) -> int:
+    from gateway.demo_upstream import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentgate", description="Security proxy for AI agents' tool calls.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="TOML configuration (default: $AGENTGATE_CONFIG, else the shipped example)")
+        return p
+
+    def with_admin(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_config(p)
+        p.add_argument("--admin-url", help="admin API base URL (default: from the configuration)")
+        p.add_argument("--token", help="admin JWT (default: $AGENTGATE_TOKEN)")
+        p.add_argument("--timeout", type=float, default=30.0)
+        return p
+
+    with_config(sub.add_parser("run", help="start the gateway")).set_defaults(func=cmd_run)
+
+    token = sub.add_parser("token", help="dev tokens").add_subparsers(dest="token_command", required=True)
+    mint = with_config(token.add_parser("mint", help="mint a token signed with the dev key"))
+    mint.add_argument("--agent", required=True, help="agent id (the sub claim)")
+    mint.add_argument("--team")
+    mint.add_argument("--roles", help="comma-separated roles")
+    mint.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h, 2d (default 1h)")
+    mint.set_defaults(func=cmd_token_mint)
+
+    policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
+    ptest = with_config(policy.add_parser("test", help="run the bundle's Rego test_ rules"))
+    ptest.add_argument("--dir", help="bundle directory (default: policy.dir)")
+    ptest.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
+    ptest.set_defaults(func=cmd_policy_test)
+    peval = with_config(policy.add_parser("eval", help="print the decision for an input document"))
+    peval.add_argument("--input", required=True, help="JSON file with the input document ('-' for stdin)")
+    peval.set_defaults(func=cmd_policy_eval)
+
+    audit = sub.add_parser("audit", help="audit queries").add_subparsers(dest="audit_command", required=True)
+    sql = with_admin(audit.add_parser("sql", help="read-only SQL over the audit store"))
+    sql.add_argument("sql")
+    sql.add_argument("--limit", type=int)
+    sql.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sql.set_defaults(func=cmd_audit_sql)
+
+    ca = sub.add_parser("ca", help="interception CA").add_subparsers(dest="ca_command", required=True)
+    with_config(ca.add_parser("path", help="print the CA certificate's path")).set_defaults(func=cmd_ca_path)
+
+    demo = sub.add_parser("demo-upstream", help="serve the quickstart's local stand-in API")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=9999)
+    demo.set_defaults(func=cmd_demo_upstream)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"agentgate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

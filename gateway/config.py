@@ -1,0 +1,283 @@
+"""Gateway configuration: one TOML file, validated by pydantic, overridable by environment.
+
+Precedence (highest first): ``AGENTGATE_<SECTION>__<KEY>`` environment variables, the TOML
+file, the defaults below. Unknown keys and bad values are start-up errors that name the key.
+Relative paths in the file are resolved against the file's directory; the data dir defaults
+to ``./.agentgate`` relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = PACKAGE_ROOT / "policies" / "agentgate.example.toml"
+ENV_PREFIX = "AGENTGATE_"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+class ListenConfig(_Section):
+    """Where the three front ends listen (HOST:PORT; port 0 picks a free port)."""
+
+    proxy: str = "127.0.0.1:8080"
+    routes: str = "127.0.0.1:8090"
+    admin: str = "127.0.0.1:8081"
+    proxy_enabled: bool = True
+
+    _check = field_validator("proxy", "routes", "admin")(classmethod(lambda cls, v: _hostport(v)))
+
+
+Algorithm = Literal[
+    "HS256", "HS384", "HS512",
+    "RS256", "RS384", "RS512",
+    "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512",
+    "EdDSA",
+]
+
+
+class IdentityConfig(_Section):
+    """How agent and admin JWTs are verified."""
+
+    algorithms: list[Algorithm] = Field(default_factory=lambda: ["EdDSA"], min_length=1)
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_seconds: float = Field(default=30, ge=0, le=3600)
+    team_claim: str = "team"
+    roles_claim: str = "roles"
+    hmac_secret_env: str | None = None
+    hmac_secret_file: Path | None = None
+    public_key_files: list[Path] = Field(default_factory=list)
+    jwks_url: str | None = None
+    jwks_ca_file: Path | None = None
+    jwks_cache_seconds: float = Field(default=300, gt=0)
+    jwks_timeout_seconds: float = Field(default=5, gt=0)
+    dev_signing_key: bool = True
+    """Generate an Ed25519 key in the data dir on first run, trust it, and let `token mint` use it."""
+    registry_file: Path | None = None
+    require_registered_agents: bool = False
+
+
+class PolicyConfig(_Section):
+    engine: Literal["embedded", "opa"] = "embedded"
+    dir: Path = PACKAGE_ROOT / "policies"
+    decision: str = "agentgate/decision"
+    """Decision path: ``<package path>/<rule>``; data.agentgate.decision by default."""
+    enforce: bool = True
+    hot_reload: bool = True
+    inspect_body_bytes: int = Field(default=1 << 20, ge=0)
+    opa_url: str = "http://127.0.0.1:8181"
+    timeout_seconds: float = Field(default=0.5, gt=0)
+
+    @field_validator("decision")
+    @classmethod
+    def _decision_path(cls, v: str) -> str:
+        parts = v.strip("/").split("/")
+        if len(parts) < 2 or not all(p.replace("_", "a").isalnum() for p in parts):
+            raise ValueError(f"expected a path like 'agentgate/decision', got {v!r}")
+        return "/".join(parts)
+
+
+class AuditConfig(_Section):
+    dsn: str | None = None
+    """``chdb:///path`` (embedded) or ``http(s)://user:pass@host:8123``; default: chDB in the data dir."""
+    database: str = "agentgate"
+    batch_size: int = Field(default=2000, ge=1)
+    flush_interval_seconds: float = Field(default=0.2, gt=0)
+    queue_max: int = Field(default=100_000, ge=1)
+    ttl_days: int = Field(default=90, ge=1)
+    sql_row_limit: int = Field(default=10_000, ge=1)
+
+
+class CredentialConfig(_Section):
+    """An upstream credential injected by the gateway; agents never hold it."""
+
+    header: str = "Authorization"
+    prefix: str = ""
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CredentialConfig":
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of 'env' or 'file'")
+        return self
+
+    def resolve(self) -> str:
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError(f"credential env var {self.env} is not set")
+        else:
+            assert self.file is not None
+            try:
+                value = self.file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"credential file {self.file}: {exc.strerror}") from None
+        return self.prefix + value
+
+
+class RouteConfig(_Section):
+    upstream: str
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    connect_timeout_seconds: float = Field(default=5, gt=0)
+    timeout_seconds: float = Field(default=60, gt=0)
+    credential: CredentialConfig | None = None
+    enforce: bool | None = None
+    """Overrides policy.enforce for this route (False = shadow mode)."""
+    fail_open: bool = False
+
+    @field_validator("upstream")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v.rstrip("/")
+
+
+class ProxyConfig(_Section):
+    """Forward-proxy (mitmproxy) settings."""
+
+    upstream_ca_file: Path | None = None
+    """Extra CA bundle trusted for upstream TLS (in addition to the system store)."""
+    verify_upstream_tls: bool = True
+    enforce: bool | None = None
+    fail_open: bool = False
+    connection_idle_seconds: float = Field(default=300, gt=0)
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path(".agentgate")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    listen: ListenConfig = ListenConfig()
+    identity: IdentityConfig = IdentityConfig()
+    policy: PolicyConfig = PolicyConfig()
+    audit: AuditConfig = AuditConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    routes: dict[str, RouteConfig] = Field(default_factory=dict)
+
+    @field_validator("routes")
+    @classmethod
+    def _route_names(cls, v: dict[str, RouteConfig]) -> dict[str, RouteConfig]:
+        for name in v:
+            if not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"route name {name!r}: use letters, digits, '-' and '_'")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # File values arrive as init kwargs; the environment overrides them.
+        return (env_settings, init_settings)
+
+    # Derived locations -------------------------------------------------------------
+    @property
+    def audit_dsn(self) -> str:
+        return self.audit.dsn or f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.data_dir / "ca"
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.ca_dir / "mitmproxy-ca-cert.pem"
+
+    @property
+    def dev_key_path(self) -> Path:
+        return self.data_dir / "dev-signing-key.pem"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.listen.admin}"
+
+
+def _resolve_paths(raw: Any, base: Path) -> Any:
+    """Make relative path-valued keys in a TOML document relative to the file's directory."""
+    path_keys = {"dir", "file", "ca_file", "hmac_secret_file", "jwks_ca_file", "registry_file",
+                 "upstream_ca_file", "data_dir"}
+    if isinstance(raw, dict):
+        out = {}
+        for key, value in raw.items():
+            if key in path_keys and isinstance(value, str) and value and not os.path.isabs(value):
+                out[key] = str(base / value)
+            elif key == "public_key_files" and isinstance(value, list):
+                out[key] = [str(base / v) if isinstance(v, str) and not os.path.isabs(v) else v
+                            for v in value]
+            else:
+                out[key] = _resolve_paths(value, base)
+        return out
+    return raw
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, use_example: bool = True) -> Config:
+    """Load the configuration from ``path``, ``$AGENTGATE_CONFIG`` or the shipped example.
+
+    The example keeps its data dir relative to the working directory (``./.agentgate``),
+    as the README promises; every other relative path resolves against the file.
+    """
+    chosen = path or os.environ.get("AGENTGATE_CONFIG")
+    raw: dict[str, Any] = {}
+    source = "defaults and environment"
+    if chosen or use_example:
+        file = Path(chosen) if chosen else EXAMPLE_CONFIG
+        source = str(file)
+        try:
+            raw = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {file}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        data_dir = raw.pop("data_dir", None)
+        raw = _resolve_paths(raw, file.resolve().parent)
+        if data_dir is not None:
+            raw["data_dir"] = data_dir if chosen is None else _resolve_paths(
+                {"data_dir": data_dir}, file.resolve().parent)["data_dir"]
+    try:
+        return Config(**raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+

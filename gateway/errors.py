@@ -1,0 +1,64 @@
+"""Errors the gateway itself answers with: a status, a stable code and a message.
+
+Every such response carries ``X-Agentgate-Call-Id`` and the body
+``{"error": {"code", "message", "call_id"}}`` so an agent's failure can be traced to its audit row.
+"""
+
+from __future__ import annotations
+
+import json
+
+CALL_ID_HEADER = "X-Agentgate-Call-Id"
+
+
+class GatewayError(Exception):
+    """A refusal or failure with the HTTP status and error code the agent will see.
+
+    ``outcome`` is the audit outcome recorded for the call (``denied``, ``unauthenticated`` ...).
+    """
+
+    status: int = 500
+    code: str = "internal_error"
+    outcome: str = "error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 outcome: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if outcome is not None:
+            self.outcome = outcome
+        self.headers = headers or {}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+    outcome = "rejected"
+
+
+class Unauthenticated(GatewayError):
+    """No usable agent credential. Status is 401 for routes, 407 for the forward proxy."""
+
+    status = 401
+    code = "unauthenticated"
+    outcome = "unauthenticated"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
+    outcome = "denied"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "upstream_error"
+    outcome = "upstream_error"
+
+
+def error_body(code: str, message: str, call_id: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message, "call_id": call_id}}).encode()

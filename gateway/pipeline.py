@@ -1,0 +1,212 @@
+"""The core pipeline: the one place where the order of a call is written down.
+
+    request → identity → kill-switch → policy → approval → upstream → redaction → audit
+
+Front ends translate their own request/response objects and call, in this order:
+
+* ``admit(call, credential)``: identity, then policy (kill-switch and approval slot in here);
+  raises :class:`GatewayError` when the call is refused;
+* the upstream exchange: ``run()`` does it for the route front end with :class:`Upstream`;
+  the forward proxy lets mitmproxy do it (that is what TLS interception is for);
+* ``finish(call, ...)``: exactly once per call, whatever happened — writes the audit row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from gateway.canonical import canonical_host, canonical_path, canonical_port
+from gateway.config import Config
+from gateway.errors import BadRequest, Forbidden, GatewayError, Unauthenticated
+from gateway.identity import IdentityError, JwtVerifier, extract_bearer
+from gateway.metrics import Metrics
+from gateway.models import Call, Decision, GatewayRequest, Identity
+from gateway.policy import PolicyEngine
+from gateway.policy.input import build_input
+from storage.audit import AuditWriter, call_to_row
+
+log = logging.getLogger("agentgate.pipeline")
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@dataclass(slots=True)
+class UpstreamResult:
+    status: int
+    response_bytes: int
+
+
+class Upstream(Protocol):
+    async def __call__(self, call: Call) -> Any: ...
+
+
+def trace_id_for(request: GatewayRequest) -> str:
+    """W3C ``traceparent`` trace id, else a sane ``X-Agent-Session``, else a new id."""
+    tp = request.header("traceparent")
+    if tp and (m := _TRACEPARENT.match(tp.strip().lower())) and m.group(1) != "0" * 32:
+        return m.group(1)
+    session = request.header("x-agent-session")
+    if session and _SESSION_ID.match(session.strip()):
+        return session.strip()
+    return uuid.uuid4().hex
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, *, verifier: JwtVerifier, engine: PolicyEngine,
+                 audit: AuditWriter, metrics: Metrics, instance: str) -> None:
+        self.cfg = cfg
+        self.verifier = verifier
+        self.engine = engine
+        self.audit = audit
+        self.metrics = metrics
+        self.instance = instance
+        self._decision_hist = metrics.decision_seconds.labels(engine=engine.name)
+
+    # -- the order -------------------------------------------------------------------
+    async def admit(self, call: Call, *, credential: str | None = None,
+                    identity: Identity | None = None) -> None:
+        """identity → kill-switch → policy → approval; raises GatewayError to refuse."""
+        call.trace_id = trace_id_for(call.request)
+        call.request_bytes = len(call.request.body)
+        call.identity = await self.authenticate(call.request.mode, credential, identity)
+        # kill-switch: issue 3 slots in here, before any policy work is spent on the call.
+        await self._decide(call)
+        self._approval(call)
+
+    async def run(self, call: Call, upstream: Upstream, *, credential: str | None) -> Any:
+        """Route front end: the whole pipeline around ``upstream``. Never raises GatewayError
+        without having finished the call; the caller renders the error."""
+        try:
+            await self.admit(call, credential=credential)
+            call.upstream_started = time.perf_counter()
+            return await upstream(call)
+        except GatewayError as err:
+            self.fail(call, err)
+            raise
+
+    def fail(self, call: Call, err: GatewayError) -> None:
+        """Record a refusal or failure on the call and finish it."""
+        call.status = err.status
+        call.error_code = err.code
+        call.outcome = err.outcome
+        if err.message and not call.reasons:
+            call.reasons.append(err.message)
+        self.finish(call)
+
+    def finish(self, call: Call, *, status: int | None = None, response_bytes: int | None = None) -> None:
+        """Audit: exactly one row per call, written off the request path."""
+        if call.finished:
+            return
+        call.finished = True
+        if status is not None:
+            call.status = status
+        if response_bytes is not None:
+            call.response_bytes = response_bytes
+        if call.upstream_started and not call.upstream_ms:
+            call.upstream_ms = (time.perf_counter() - call.upstream_started) * 1000
+        if not call.outcome:
+            call.outcome = "allowed"
+        self.metrics.requests.labels(mode=call.request.mode, outcome=call.outcome).inc()
+        self.audit.submit(call_to_row(call, instance=self.instance))
+
+    # -- stages ----------------------------------------------------------------------
+    async def authenticate(self, mode: str, credential: str | None,
+                           identity: Identity | None = None) -> Identity:
+        """Verify the agent's JWT, or re-check an identity bound to a proxy connection."""
+        try:
+            if identity is not None:
+                if identity.expires_at is not None and \
+                        time.time() > identity.expires_at + self.cfg.identity.leeway_seconds:
+                    raise IdentityError("the token bound to this connection has expired",
+                                        code="token_expired")
+                return identity
+            return await self.verifier.verify(extract_bearer(credential))
+        except Unauthenticated as err:
+            if mode == "forward" and err.status == 401:
+                err.status = 407
+                err.headers = {"Proxy-Authenticate": 'Bearer realm="agentgate", Basic realm="agentgate"'}
+            raise
+
+    def _enforce_and_fail_open(self, call: Call) -> tuple[bool, bool]:
+        req = call.request
+        if req.route is not None:
+            route = self.cfg.routes[req.route]
+            enforce = route.enforce if route.enforce is not None else self.cfg.policy.enforce
+            return enforce, route.fail_open
+        proxy = self.cfg.proxy
+        enforce = proxy.enforce if proxy.enforce is not None else self.cfg.policy.enforce
+        return enforce, proxy.fail_open
+
+    def _canonicalise(self, call: Call) -> tuple[int | None, list[str]]:
+        req = call.request
+        call.canonical_host = canonical_host(req.host)
+        if req.connect_host is not None and canonical_host(req.connect_host) != call.canonical_host:
+            raise BadRequest(
+                f"Host header {req.host!r} does not match the CONNECT target {req.connect_host!r}",
+                code="host_mismatch")
+        call.canonical_path, segments = canonical_path(req.path)
+        return canonical_port(req.scheme, req.port), segments
+
+    async def _decide(self, call: Call) -> None:
+        port, segments = self._canonicalise(call)
+        enforce, fail_open = self._enforce_and_fail_open(call)
+        call.enforce = enforce
+        call.engine = self.engine.name
+        call.policy_revision = self.engine.revision
+        doc = build_input(call, port=port, segments=segments,
+                          inspect_limit=self.cfg.policy.inspect_body_bytes)
+        started = time.perf_counter()
+        try:
+            raw = await asyncio.wait_for(self.engine.evaluate(doc), self.cfg.policy.timeout_seconds)
+            decision = Decision.model_validate(raw)
+        except Exception as exc:  # noqa: BLE001 - every failure of the engine fails closed
+            decision = None
+            problem = _describe_policy_failure(exc)
+        finally:
+            elapsed = time.perf_counter() - started
+            call.decision_us = int(elapsed * 1e6)
+            self._decision_hist.observe(elapsed)
+        if decision is None:
+            log.warning("policy error for call %s: %s", call.call_id, problem)
+            call.reasons = ["policy_error", problem]
+            if fail_open:
+                call.fail_open = True
+                call.outcome = "fail_open"
+                self.metrics.fail_open.labels(mode=call.request.mode).inc()
+                return
+            raise Forbidden(f"policy_error: {problem}", code="policy_error", outcome="denied")
+        call.decision = decision
+        call.reasons = list(decision.reasons)
+        if decision.allow:
+            return
+        if not enforce:
+            call.outcome = "would_deny"
+            return
+        reason = "; ".join(decision.reasons) or "denied by policy"
+        raise Forbidden(reason, code="policy_denied", outcome="denied")
+
+    def _approval(self, call: Call) -> None:
+        decision = call.decision
+        if decision is None or not decision.require_approval or not call.enforce:
+            return
+        # Approval holds are their own issue; until they exist such calls fail closed.
+        raise Forbidden("this call requires human approval, which this gateway cannot grant yet",
+                        code="approval_required", outcome="approval_required")
+
+
+def _describe_policy_failure(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "policy engine timed out"
+    if isinstance(exc, ValidationError):
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) or "(root)" for e in exc.errors())
+        return f"decision does not match the contract ({fields})"
+    return f"{type(exc).__name__}: {exc}"[:500]

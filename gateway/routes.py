@@ -1,0 +1,144 @@
+"""Route front end: ``/r/<route>/<path>`` on aiohttp's web server, translated to the core pipeline.
+
+Only translation lives here: aiohttp request → :class:`GatewayRequest`, pipeline result →
+aiohttp response. The order of the checks is the pipeline's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from gateway.errors import CALL_ID_HEADER, GatewayError, error_body
+from gateway.models import Call, GatewayRequest
+from gateway.pipeline import Pipeline
+from gateway.upstream import RouteUpstream, response_headers
+
+log = logging.getLogger("agentgate.routes")
+
+_BUFFER_LIMIT = 1 << 20
+"""Responses up to this size with a known length are sent in one piece; larger or
+open-ended ones (SSE, downloads) are streamed chunk by chunk."""
+
+
+def error_response(err: GatewayError, call_id: str) -> web.Response:
+    headers = {CALL_ID_HEADER: call_id, "Content-Type": "application/json", **err.headers}
+    return web.Response(status=err.status, body=error_body(err.code, err.message, call_id), headers=headers)
+
+
+def _split_raw_path(raw: str) -> tuple[str | None, str, str]:
+    """``/r/<route>/<rest>?<query>`` → (route, "/<rest>", query); route None if not a route path."""
+    path, _, query = raw.partition("?")
+    if not path.startswith("/r/"):
+        return None, path, query
+    name, slash, rest = path[3:].partition("/")
+    return name, slash + rest if slash else "/", query
+
+
+class RouteFrontEnd:
+    def __init__(self, pipeline: Pipeline, upstream: RouteUpstream, *, max_body: int) -> None:
+        self.pipeline = pipeline
+        self.upstream = upstream
+        self.max_body = max_body
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        route, path, query = _split_raw_path(request.raw_path)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            body = b""
+            too_large = True
+        else:
+            too_large = False
+        greq = GatewayRequest(
+            mode="route", method=request.method, scheme="http", host=request.host.rpartition(":")[0] or request.host,
+            port=0, path=path, query=query, headers=list(request.headers.items()), body=body,
+            client_ip=request.remote or "", route=route,
+        )
+        call = Call(request=greq)
+        credential = request.headers.get("Authorization")
+        refusal = self._front_end_refusal(route, too_large)
+        if refusal is not None:
+            return await self._refuse_unrouted(call, refusal, credential)
+        # Policy sees the upstream's host and scheme, not the gateway's.
+        target = self.upstream.target(route)  # type: ignore[arg-type]
+        greq.scheme, greq.host, greq.port = target
+        try:
+            upstream_resp = await self.pipeline.run(call, self.upstream, credential=credential)
+        except GatewayError as err:
+            return error_response(err, call.call_id)
+        except Exception:  # noqa: BLE001 - never let a bug leave a call unaudited
+            log.exception("internal error on call %s", call.call_id)
+            err = GatewayError("internal gateway error")
+            self.pipeline.fail(call, err)
+            return error_response(err, call.call_id)
+        return await self._relay(request, call, upstream_resp)
+
+    def _front_end_refusal(self, route: str | None, too_large: bool) -> GatewayError | None:
+        if route is None:
+            return GatewayError("not found: agent calls go to /r/<route>/<path>", code="not_found",
+                                status=404, outcome="rejected")
+        if route not in self.pipeline.cfg.routes:
+            return GatewayError(f"unknown route {route!r}", code="unknown_route", status=404,
+                                outcome="rejected")
+        if too_large:
+            return GatewayError(f"request body larger than {self.max_body} bytes",
+                                code="request_too_large", status=413, outcome="rejected")
+        return None
+
+    async def _refuse_unrouted(self, call: Call, err: GatewayError, credential: str | None) -> web.Response:
+        """Refusals found before the pipeline runs are still attributed (when the token is
+        good) and audited."""
+        try:
+            call.identity = await self.pipeline.authenticate("route", credential)
+        except GatewayError:
+            pass
+        call.request.route = None if err.code != "request_too_large" else call.request.route
+        self.pipeline.fail(call, err)
+        return error_response(err, call.call_id)
+
+    async def _relay(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        headers = response_headers(upstream)
+        headers[CALL_ID_HEADER] = call.call_id
+        length = upstream.content_length
+        streaming = length is None or length > _BUFFER_LIMIT or \
+            upstream.content_type == "text/event-stream"
+        try:
+            if not streaming:
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                    err = self._broken(call, exc)
+                    return error_response(err, call.call_id)
+                self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
+                return web.Response(status=upstream.status, body=body, headers=headers)
+            resp = web.StreamResponse(status=upstream.status, headers=headers)
+            await resp.prepare(request)
+            sent = 0
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+                    sent += len(chunk)
+                await resp.write_eof()
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                call.response_bytes = sent
+                self._broken(call, exc)
+                raise  # headers are out: cutting the connection is the only honest signal
+            self.pipeline.finish(call, status=upstream.status, response_bytes=sent)
+            return resp
+        finally:
+            upstream.release()
+
+    def _broken(self, call: Call, exc: BaseException) -> GatewayError:
+        call.reasons.append(f"upstream failed mid-response: {type(exc).__name__}")
+        err = GatewayError("upstream failed while sending its response", code="upstream_broken",
+                           status=502, outcome="upstream_error")
+        self.pipeline.fail(call, err)
+        return err

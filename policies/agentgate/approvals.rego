@@ -1,0 +1,74 @@
+# Allowed calls that a human must approve first: anything that speaks to customers,
+# broadcasts to colleagues, or moves money.
+package agentgate
+
+import rego.v1
+
+# Sending customer email.
+approvals contains {"why": "sends customer email", "approvers": ["sales-lead"]} if {
+	system == "sendgrid"
+	method == "POST"
+	segments == ["v3", "mail", "send"]
+}
+
+# A public ticket comment is emailed to the customer. Zendesk makes comments public
+# unless they say "public": false.
+approvals contains {"why": "posts a public reply to a customer", "approvers": ["support-lead"]} if {
+	zendesk_ticket_write
+	some comment in ticket_comments
+	not comment.public == false
+}
+
+# Fail closed: a ticket write whose body the gateway could not parse may hold a reply.
+approvals contains {"why": "writes a ticket the gateway could not inspect", "approvers": ["support-lead"]} if {
+	zendesk_ticket_write
+	not body_inspected
+}
+
+# Posting to Slack channels. Slack's Web API also takes GET, so the method does not matter.
+approvals contains {"why": "posts to a Slack channel", "approvers": ["security"]} if {
+	system == "slack"
+	segments in {["api", "chat.postMessage"], ["api", "chat.scheduleMessage"]}
+}
+
+# Refunds move money.
+approvals contains {"why": "issues a refund", "approvers": ["finance"]} if {
+	system == "stripe"
+	method == "POST"
+	segments == ["v1", "refunds"]
+}
+
+approvers contains role if {
+	some approval in approvals
+	some role in approval.approvers
+}
+
+approval_reasons contains concat("", ["approval required (", concat(", ", approval.approvers), "): ", approval.why]) if {
+	some approval in approvals
+}
+
+zendesk_ticket_write if {
+	system == "zendesk"
+	method in {"POST", "PUT", "PATCH"}
+	zendesk_tickets_path
+}
+
+# /api/v2/tickets, /api/v2/tickets.json, /api/v2/tickets/123.json, /api/v2/tickets/update_many.json ...
+zendesk_tickets_path if {
+	segments[0] == "api"
+	segments[1] == "v2"
+	trim_suffix(segments[2], ".json") == "tickets"
+}
+
+body_inspected if {
+	is_object(input.request.body)
+	not input.request.body_truncated
+}
+
+# A single-ticket write carries "ticket"; update_many carries "tickets".
+ticket_comments contains input.request.body.ticket.comment
+
+ticket_comments contains comment if {
+	some ticket in input.request.body.tickets
+	comment := ticket.comment
+}

@@ -1,0 +1,156 @@
+"""The audit schema: one column list, the migrations built from it, and how they are applied.
+
+``COLUMNS`` is the single source of truth: the ``calls`` DDL, the writer's column names and
+types, and :func:`storage.audit.call_to_row`'s tuple order all come from it. To add a column,
+append it here and add a migration ``ALTER TABLE {db}.calls ADD COLUMN IF NOT EXISTS ...``
+(fresh databases get it from version 1's CREATE, existing ones from the ALTER).
+
+Every DDL statement is idempotent (``IF NOT EXISTS``), so applying a version twice, or two
+gateways applying it at once, is harmless.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_DATABASE = "agentgate"
+CALLS_TABLE = "calls"
+VERSION_TABLE = "schema_version"
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+    comment: str
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("call_id", "UUID", "Gateway-assigned call id, also sent to the agent as X-Agentgate-Call-Id"),
+    Column("trace_id", "String", "Trace id propagated from or generated for the request (W3C traceparent)"),
+    Column("ts_start", "DateTime64(6, 'UTC')", "Wall-clock time the gateway received the request"),
+    Column("ts_end", "DateTime64(6, 'UTC')", "Time the call finished (response sent or refused)"),
+    Column("agent_id", "String", "Verified agent id from the JWT subject; empty if unauthenticated"),
+    Column("team", "String", "Agent's team claim; empty if none"),
+    Column("roles", "Array(String)", "Agent's role claims"),
+    Column("mode", "LowCardinality(String)", "Front end: 'forward' (HTTP proxy) or 'route' (reverse-proxy route)"),
+    Column("route", "String", "Route name in route mode; empty in forward mode"),
+    Column("method", "LowCardinality(String)", "HTTP method"),
+    Column("scheme", "LowCardinality(String)", "Upstream scheme: http or https"),
+    Column("host", "String", "Canonical upstream host"),
+    Column("port", "UInt16", "Upstream port"),
+    Column("path", "String", "Canonical request path, without the query string"),
+    Column("query", "String", "Query string with values of credential-like parameters replaced by [REDACTED]"),
+    Column("tool_kind", "LowCardinality(String)", "Kind of tool call: http, mcp, ..."),
+    Column("tool_name", "String", "Tool name when the request names one (e.g. an MCP tools/call)"),
+    Column("request_bytes", "UInt64", "Request body size in bytes"),
+    Column("response_bytes", "UInt64", "Response body size in bytes sent to the agent"),
+    Column("status", "UInt16", "HTTP status returned to the agent; 0 if none was sent"),
+    Column("outcome", "LowCardinality(String)", "allowed, denied, unauthenticated, rejected, upstream_error, error ..."),
+    Column("reasons", "Array(String)", "Policy reasons for the decision"),
+    Column("error_code", "LowCardinality(String)", "Gateway error code when the gateway answered itself; empty otherwise"),
+    Column("policy_revision", "String", "Revision of the policy bundle that decided"),
+    Column("engine", "LowCardinality(String)", "Policy engine: embedded or opa"),
+    Column("enforce", "UInt8", "1 if the decision was enforced, 0 in shadow mode"),
+    Column("fail_open", "UInt8", "1 if the route lets calls through when the policy cannot decide"),
+    Column("decision_us", "UInt32", "Policy evaluation time in microseconds"),
+    Column("upstream_ms", "Float32", "Time spent waiting on the upstream in milliseconds"),
+    Column("gateway_ms", "Float32", "Gateway's own time in milliseconds (total minus upstream)"),
+    Column("client_ip", "String", "Agent's source address"),
+    Column("gateway_instance", "String", "Gateway instance that handled the call"),
+)
+COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
+COLUMN_TYPES: tuple[str, ...] = tuple(c.type for c in COLUMNS)
+
+
+def validate_database(name: str) -> str:
+    """Database names are interpolated into DDL, so only plain identifiers are accepted."""
+    if not _IDENT.match(name):
+        raise ValueError(f"audit database name {name!r}: use letters, digits and '_' (not starting with a digit)")
+    return name
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def ttl_expression(ttl_days: int) -> str:
+    return f"ts_start + INTERVAL {int(ttl_days)} DAY"
+
+
+def calls_ddl(database: str, ttl_days: int) -> str:
+    cols = ",\n    ".join(f"`{c.name}` {c.type} COMMENT {_quote(c.comment)}" for c in COLUMNS)
+    return (
+        f"CREATE TABLE IF NOT EXISTS {database}.{CALLS_TABLE} (\n    {cols}\n)\n"
+        "ENGINE = MergeTree\n"
+        "PARTITION BY toDate(ts_start)\n"
+        "ORDER BY (agent_id, ts_start, call_id)\n"
+        f"TTL {ttl_expression(ttl_days)}\n"
+        # Whole daily parts expire together; a retried identical insert block is deduplicated.
+        "SETTINGS ttl_only_drop_parts = 1, non_replicated_deduplication_window = 1000\n"
+        "COMMENT 'One row per call through the agentgate gateway'"
+    )
+
+
+def version_table_ddl(database: str) -> str:
+    return (
+        f"CREATE TABLE IF NOT EXISTS {database}.{VERSION_TABLE} "
+        "(version UInt32, applied_at DateTime64(3)) ENGINE = MergeTree ORDER BY version"
+    )
+
+
+def migrations(database: str, ttl_days: int) -> list[tuple[int, list[str]]]:
+    """Ordered (version, [DDL ...]); a version is recorded once all its statements ran."""
+    return [
+        (1, [calls_ddl(database, ttl_days)]),
+    ]
+
+
+_TTL_DAYS = re.compile(r"\bTTL\s+ts_start\s*\+\s*toIntervalDay\((\d+)\)")
+
+
+def current_ttl_days(client: Any, database: str) -> int | None:
+    """TTL of the calls table in days as ClickHouse reports it, or None if it has another form."""
+    res = client.query(
+        "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+        parameters={"db": database, "t": CALLS_TABLE},
+    )
+    if not res.result_rows:
+        return None
+    m = _TTL_DAYS.search(res.result_rows[0][0])
+    return int(m.group(1)) if m else None
+
+
+def applied_versions(client: Any, database: str) -> set[int]:
+    res = client.query(f"SELECT DISTINCT version FROM {database}.{VERSION_TABLE}")
+    return {int(r[0]) for r in res.result_rows}
+
+
+def apply_migrations(client: Any, database: str, ttl_days: int) -> list[int]:
+    """Bring ``database`` up to date on ``client`` (blocking). Returns the versions applied now.
+
+    Also applies a changed ``ttl_days`` to the existing calls table with ALTER ... MODIFY TTL.
+    """
+    validate_database(database)
+    if ttl_days < 1:
+        raise ValueError(f"ttl_days must be >= 1, got {ttl_days}")
+    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command(version_table_ddl(database))
+    done = applied_versions(client, database)
+    applied: list[int] = []
+    for version, statements in migrations(database, ttl_days):
+        if version in done:
+            continue
+        for ddl in statements:
+            client.command(ddl)
+        client.command(
+            f"INSERT INTO {database}.{VERSION_TABLE} (version, applied_at) VALUES ({int(version)}, now64(3))"
+        )
+        applied.append(version)
+    if current_ttl_days(client, database) != ttl_days:
+        client.command(f"ALTER TABLE {database}.{CALLS_TABLE} MODIFY TTL {ttl_expression(ttl_days)}")
+    return applied

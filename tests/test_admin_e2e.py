@@ -1,0 +1,78 @@
+"""Admin API end to end: health, readiness, metrics and role-checked read-only audit SQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import Gateway, Keys, Upstream, http
+
+
+@pytest.fixture(scope="module")
+def gw(gateway_factory, upstream: Upstream) -> Gateway:
+    return gateway_factory({"routes": {"plain": {"upstream": upstream.url}}}, name="admin")
+
+
+def sql(gw: Gateway, token: str | None, body: dict) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    resp = http("POST", f"http://{gw.admin}/v1/audit/sql", headers=headers, body=json.dumps(body).encode())
+    assert resp.headers.get("x-agentgate-call-id")
+    return resp.status, resp.json()
+
+
+def test_health_and_readiness(gw: Gateway) -> None:
+    assert http("GET", f"http://{gw.admin}/healthz").json() == {"status": "ok"}
+    ready = http("GET", f"http://{gw.admin}/readyz")
+    assert ready.status == 200
+    doc = ready.json()
+    assert doc["ready"] is True and doc["checks"] == {"policy": True, "store": True}
+    assert doc["policy_revision"]
+
+
+def test_metrics_count_outcomes_and_decisions(gw: Gateway, keys: Keys) -> None:
+    http("GET", gw.route_url("plain", "/ok"), headers={"Authorization": f"Bearer {keys.token()}"})
+    http("GET", gw.route_url("plain", "/admin"), headers={"Authorization": f"Bearer {keys.token()}"})
+    text = http("GET", f"http://{gw.admin}/metrics").body.decode()
+    assert 'agentgate_requests_total{mode="route",outcome="allowed"}' in text
+    assert 'agentgate_requests_total{mode="route",outcome="denied"}' in text
+    assert 'agentgate_decision_seconds_bucket{engine="embedded"' in text
+    assert "agentgate_audit_queue_depth" in text
+
+
+def test_audit_sql_requires_responder_or_admin(gw: Gateway, keys: Keys) -> None:
+    status, body = sql(gw, None, {"sql": "SELECT 1"})
+    assert (status, body["error"]["code"]) == (401, "missing_token")
+    status, body = sql(gw, keys.token("op", roles=["operator"]), {"sql": "SELECT 1"})
+    assert (status, body["error"]["code"]) == (403, "forbidden_role")
+    for role in ("responder", "admin"):
+        status, body = sql(gw, keys.token("r", roles=[role]), {"sql": "SELECT 1 AS one"})
+        assert status == 200 and body["columns"] == ["one"] and body["rows"] == [[1]]
+
+
+@pytest.mark.parametrize("statement", [
+    "DROP TABLE agentgate.calls",
+    "INSERT INTO agentgate.calls (agent_id) VALUES ('x')",
+    "SELECT 1; DROP TABLE agentgate.calls",
+    "ALTER TABLE agentgate.calls DELETE WHERE 1",
+])
+def test_audit_sql_is_read_only(gw: Gateway, statement: str) -> None:
+    status, body = sql(gw, gw.admin_token, {"sql": statement})
+    assert status == 400 and body["error"]["code"] == "query_not_allowed"
+    assert gw.sql("SELECT count() AS n FROM system.tables WHERE database = 'agentgate' AND name = 'calls'")[0]["n"] == 1
+
+
+def test_audit_sql_row_limit_and_bad_input(gw: Gateway) -> None:
+    status, body = sql(gw, gw.admin_token, {"sql": "SELECT number FROM system.numbers LIMIT 100", "limit": 7})
+    assert status == 200 and body["row_count"] == 7
+    status, body = sql(gw, gw.admin_token, {"sql": ""})
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+    status, body = sql(gw, gw.admin_token, {"sql": "SELECT no_such_column FROM agentgate.calls"})
+    assert (status, body["error"]["code"]) == (400, "query_error")
+
+
+def test_unknown_admin_path_is_json_404(gw: Gateway) -> None:
+    resp = http("GET", f"http://{gw.admin}/nope")
+    assert resp.status == 404 and resp.json()["error"]["code"] == "not_found"
