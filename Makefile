@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install lock bench clean
+.PHONY: run test install tools lock bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/agentgate run
 
-test: $(STAMP)
+# The suite validates docker/compose.yaml with Compose (no Docker engine is needed for that).
+tools:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; \
+	  else echo "make test needs Compose: apt-get install docker-compose" >&2; exit 1; fi; }
+
+test: $(STAMP) tools
 	$(PY) -m pytest -q
 
 # Regenerate the lock after changing dependencies in pyproject.toml (needs pip-tools).

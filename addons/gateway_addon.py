@@ -33,6 +33,27 @@ def _split_path(raw: bytes) -> tuple[str, str]:
     return path or "/", query
 
 
+def _sent(flow: http.HTTPFlow) -> int:
+    counter: _ByteCounter | None = flow.metadata.get("agentgate.counter")
+    if counter is not None:
+        return counter.count
+    return len(flow.response.raw_content or b"") if flow.response else 0
+
+
+def _cut_connection(flow: http.HTTPFlow) -> None:
+    """End a flow that is streaming now. ``flow.kill()`` alone cannot stop a flow in transit
+    (mitmproxy issue 4711), so the connection's tasks are cancelled, as mitmproxy's own idle
+    timeout does."""
+    if flow.killable:
+        flow.kill()
+    handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+    if handler is None:
+        return
+    for io in list(handler.transports.values()):
+        if io.handler is not None:
+            io.handler.cancel("agent suspended by kill-switch")
+
+
 class _ByteCounter:
     """A pass-through ``response.stream`` callable that counts what the agent was sent."""
 
@@ -120,22 +141,29 @@ class AgentGate:
             return
         flow.response.headers[CALL_ID_HEADER] = call.call_id
         ctype = flow.response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if ctype in self._stream_types:
+        if ctype in self._stream_types or flow.response.stream:
             counter = _ByteCounter()
             flow.metadata["agentgate.counter"] = counter
             flow.response.stream = counter
+            self.pipeline.streams.add(call, lambda: _cut_connection(flow))
 
     def response(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
         if call is None or flow.response is None:
             return
-        counter: _ByteCounter | None = flow.metadata.get("agentgate.counter")
-        size = counter.count if counter else len(flow.response.raw_content or b"")
-        self.pipeline.finish(call, status=flow.response.status_code, response_bytes=size)
+        self.pipeline.streams.discard(call)
+        self.pipeline.finish(call, status=flow.response.status_code, response_bytes=_sent(flow))
 
     def error(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
         if call is None or call.finished:
+            return
+        self.pipeline.streams.discard(call)
+        if call.killswitch_id:
+            call.response_bytes = _sent(flow)
+            status = flow.response.status_code if flow.response else 0
+            self.pipeline.fail(call, GatewayError("stream cut: agent suspended", code="agent_suspended",
+                                                  status=status, outcome="killed"))
             return
         message = flow.error.msg if flow.error else "unknown upstream failure"
         self.pipeline.fail(call, UpstreamError(f"upstream failed: {message}", code="upstream_error"))

@@ -14,8 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.admin_events import AdminEvents
+from gateway.approvals import Approvals
 from gateway.errors import CALL_ID_HEADER, Forbidden, GatewayError, error_body
 from gateway.identity import JwtVerifier, extract_bearer
+from gateway.killswitch import SCOPES, KillSwitches
 from gateway.metrics import Metrics
 from gateway.models import Identity
 from gateway.policy import PolicyEngine
@@ -26,6 +29,8 @@ log = logging.getLogger("agentgate.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AUDIT_ROLES = frozenset({"responder", "admin"})
+OPERATOR_ROLES = frozenset({"operator", "admin"})
+APPROVER_ROLES = frozenset({"approver", "admin"})
 _FRESHNESS_WAIT_SECONDS = 2.0
 
 
@@ -37,13 +42,18 @@ def json_error(err: GatewayError, request_id: str) -> web.Response:
 
 class AdminApi:
     def __init__(self, *, verifier: JwtVerifier, engine: PolicyEngine, store: Store,
-                 audit: AuditWriter, metrics: Metrics, sql_row_limit: int) -> None:
+                 audit: AuditWriter, metrics: Metrics, sql_row_limit: int, killswitches: KillSwitches,
+                 approvals: Approvals, events: AdminEvents, approver_teams_claim: str) -> None:
         self.verifier = verifier
         self.engine = engine
         self.store = store
         self.audit = audit
         self.metrics = metrics
         self.sql_row_limit = sql_row_limit
+        self.killswitches = killswitches
+        self.approvals = approvals
+        self.events = events
+        self.approver_teams_claim = approver_teams_claim
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=1 << 20)
@@ -51,6 +61,13 @@ class AdminApi:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_text)
         app.router.add_post("/v1/audit/sql", self.audit_sql)
+        app.router.add_get("/v1/killswitches", self.list_killswitches)
+        app.router.add_post("/v1/killswitches", self.create_killswitch)
+        app.router.add_delete("/v1/killswitches/{id}", self.revoke_killswitch)
+        app.router.add_get("/v1/approvals", self.list_approvals)
+        app.router.add_get("/v1/approvals/{id}", self.get_approval)
+        app.router.add_post("/v1/approvals/{id}/approve", self.approve)
+        app.router.add_post("/v1/approvals/{id}/deny", self.deny)
         return app
 
     @web.middleware
@@ -67,10 +84,18 @@ class AdminApi:
         resp.headers[CALL_ID_HEADER] = request_id
         return resp
 
-    async def require_roles(self, request: web.Request, allowed: frozenset[str]) -> Identity:
-        identity = await self.verifier.verify(extract_bearer(request.headers.get("Authorization")),
-                                             agent=False)
+    async def authorize(self, request: web.Request, allowed: frozenset[str], action: str,
+                        target: str = "") -> Identity:
+        """The caller's identity if it holds one of ``allowed``; refusals are audited."""
+        try:
+            identity = await self.verifier.verify(extract_bearer(request.headers.get("Authorization")),
+                                                 agent=False)
+        except GatewayError as err:
+            await self.events.record(None, action, target, result="unauthenticated", detail=err.code)
+            raise
         if not allowed.intersection(identity.roles):
+            await self.events.record(identity, action, target, result="forbidden",
+                                     detail=f"needs one of {sorted(allowed)}")
             raise Forbidden(f"this action needs one of the roles: {', '.join(sorted(allowed))}",
                             code="forbidden_role")
         return identity
@@ -94,14 +119,10 @@ class AdminApi:
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def audit_sql(self, request: web.Request) -> web.Response:
-        await self.require_roles(request, AUDIT_ROLES)
-        try:
-            payload: Any = await request.json()
-        except ValueError:
-            raise GatewayError("body must be JSON: {\"sql\": \"SELECT ...\"}", code="bad_request",
-                               status=400) from None
-        sql = payload.get("sql") if isinstance(payload, dict) else None
-        limit = payload.get("limit", self.sql_row_limit) if isinstance(payload, dict) else None
+        actor = await self.authorize(request, AUDIT_ROLES, "audit.sql")
+        payload = await _json_body(request, 'body must be JSON: {"sql": "SELECT ..."}')
+        sql = payload.get("sql")
+        limit = payload.get("limit", self.sql_row_limit)
         if not isinstance(sql, str) or not sql.strip():
             raise GatewayError("missing 'sql' (a string)", code="bad_request", status=400)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -115,8 +136,102 @@ class AdminApi:
         try:
             columns, rows = await self.store.query_readonly(sql, limit=limit)
         except QueryRejected as exc:
+            await self.events.record(actor, "audit.sql", "", result="refused", detail=sql[:2000])
             raise GatewayError(str(exc), code="query_not_allowed", status=400) from None
         except QueryError as exc:
             raise GatewayError(str(exc), code="query_error", status=400) from None
+        await self.events.record(actor, "audit.sql", "", detail=sql[:2000])
         return web.json_response({"columns": columns, "rows": rows, "row_count": len(rows),
                                   "limit": limit})
+
+    # -- kill-switches -------------------------------------------------------------------------
+    async def list_killswitches(self, request: web.Request) -> web.Response:
+        await self.authorize(request, OPERATOR_ROLES | AUDIT_ROLES, "killswitch.list")
+        everything = request.query.get("all") in ("1", "true")
+        switches = self.killswitches.all() if everything else self.killswitches.active()
+        return web.json_response({"killswitches": [s.to_json() for s in switches]})
+
+    async def create_killswitch(self, request: web.Request) -> web.Response:
+        payload = await _json_body(request, 'body must be JSON: {"scope": "agent", "target": "...", "reason": "..."}')
+        scope, target, reason = payload.get("scope"), payload.get("target", ""), payload.get("reason", "")
+        label = f"{scope}:{target}"
+        actor = await self.authorize(request, OPERATOR_ROLES, "killswitch.create", label)
+        if scope not in SCOPES:
+            raise GatewayError(f"'scope' must be one of {', '.join(SCOPES)}", code="bad_request", status=400)
+        if not isinstance(target, str) or (scope != "all" and not target.strip()):
+            raise GatewayError(f"a {scope} kill-switch needs a 'target'", code="bad_request", status=400)
+        if not isinstance(reason, str) or not reason.strip():
+            raise GatewayError("'reason' is required: say why, for whoever reads the audit", code="bad_request",
+                               status=400)
+        switch = await self.killswitches.create(scope, target.strip(), reason.strip(), actor.agent_id)
+        await self.events.record(actor, "killswitch.create", f"{switch.id} {switch.scope}:{switch.target}",
+                                 reason=switch.reason)
+        return web.json_response(switch.to_json(), status=201)
+
+    async def revoke_killswitch(self, request: web.Request) -> web.Response:
+        switch_id = request.match_info["id"]
+        actor = await self.authorize(request, OPERATOR_ROLES, "killswitch.revoke", switch_id)
+        switch = self.killswitches.get(switch_id)
+        if switch is None:
+            raise GatewayError(f"no kill-switch {switch_id}", code="not_found", status=404)
+        if not switch.active:
+            raise GatewayError(f"kill-switch {switch_id} was already revoked", code="already_revoked", status=409)
+        reason = request.query.get("reason", "")
+        revoked = await self.killswitches.revoke(switch, actor.agent_id)
+        await self.events.record(actor, "killswitch.revoke", f"{switch.id} {switch.scope}:{switch.target}",
+                                 reason=reason)
+        return web.json_response(revoked.to_json())
+
+    # -- approvals -----------------------------------------------------------------------------
+    async def list_approvals(self, request: web.Request) -> web.Response:
+        await self.authorize(request, APPROVER_ROLES | AUDIT_ROLES, "approval.list")
+        state = request.query.get("state")
+        if state not in (None, "pending", "approved", "denied", "consumed", "expired"):
+            raise GatewayError("state must be pending, approved, denied, consumed or expired",
+                               code="bad_request", status=400)
+        return web.json_response({"approvals": [a.to_json() for a in self.approvals.list(state)]})
+
+    async def get_approval(self, request: web.Request) -> web.Response:
+        approval_id = request.match_info["id"]
+        await self.authorize(request, APPROVER_ROLES | AUDIT_ROLES, "approval.get", approval_id)
+        approval = self.approvals.get(approval_id)
+        if approval is None:
+            raise GatewayError(f"no approval {approval_id}", code="not_found", status=404)
+        return web.json_response(approval.to_json())
+
+    async def approve(self, request: web.Request) -> web.Response:
+        return await self._decide(request, approve=True)
+
+    async def deny(self, request: web.Request) -> web.Response:
+        return await self._decide(request, approve=False)
+
+    async def _decide(self, request: web.Request, *, approve: bool) -> web.Response:
+        approval_id = request.match_info["id"]
+        action = "approval.approve" if approve else "approval.deny"
+        actor = await self.authorize(request, APPROVER_ROLES, action, approval_id)
+        payload = await _json_body(request, 'body must be JSON: {"reason": "..."}', allow_empty=True)
+        reason = payload.get("reason", "")
+        if not isinstance(reason, str) or (not approve and not reason.strip()):
+            raise GatewayError("'reason' is required to deny", code="bad_request", status=400)
+        teams = actor.claims.get(self.approver_teams_claim)
+        approver_teams = [str(t) for t in teams] if isinstance(teams, list) and "admin" not in actor.roles else None
+        try:
+            decided = await self.approvals.decide(approval_id, approve=approve, reason=reason.strip(),
+                                                  actor=actor, approver_teams=approver_teams)
+        except GatewayError as err:
+            await self.events.record(actor, action, approval_id, reason=reason, result="refused", detail=err.code)
+            raise
+        await self.events.record(actor, action, approval_id, reason=reason)
+        return web.json_response(decided.to_json())
+
+
+async def _json_body(request: web.Request, hint: str, *, allow_empty: bool = False) -> dict[str, Any]:
+    if allow_empty and not request.can_read_body:
+        return {}
+    try:
+        payload = await request.json()
+    except ValueError:
+        raise GatewayError(hint, code="bad_request", status=400) from None
+    if not isinstance(payload, dict):
+        raise GatewayError(hint, code="bad_request", status=400)
+    return payload

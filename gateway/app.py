@@ -13,21 +13,32 @@ from aiohttp import web
 from addons.embed import EmbeddedProxy
 from addons.gateway_addon import AgentGate
 from gateway.admin import AdminApi
+from gateway.admin_events import AdminEvents
+from gateway.approvals import Approvals
 from gateway.config import Config
 from gateway.devkey import ensure_dev_key, public_pem
 from gateway.identity import JwtVerifier
+from gateway.killswitch import KillSwitch, KillSwitches
 from gateway.metrics import Metrics
+from gateway.notify import Notifier
 from gateway.pipeline import Pipeline
 from gateway.policy import make_engine
 from gateway.registry import AgentRegistry
 from gateway.routes import RouteFrontEnd
+from gateway.state_sync import StateSync
+from gateway.streams import OpenStreams
 from gateway.upstream import RouteUpstream
-from storage.audit import AuditWriter
+from storage.audit import AuditWriter, redact_query
 from storage.store import Store
 
 log = logging.getLogger("agentgate")
 
 MAX_REQUEST_BODY = 64 << 20
+
+
+def scrub_value(value: object) -> object:
+    """Placeholder until the redaction detectors land: approvals show arguments unchanged."""
+    return value
 
 
 @dataclass
@@ -47,6 +58,7 @@ class Gateway:
         self.cfg = cfg
         self.instance = f"{socket.gethostname()}:{cfg.listen.routes}"
         self._runners: list[web.AppRunner] = []
+        self._background: set[asyncio.Task[None]] = set()
         self.proxy: EmbeddedProxy | None = None
         self.listeners: Listeners | None = None
 
@@ -65,13 +77,26 @@ class Gateway:
                                  flush_interval_seconds=cfg.audit.flush_interval_seconds,
                                  queue_max=cfg.audit.queue_max, instance=self.instance)
         await self.audit.start()
+        self.killswitches = KillSwitches(self.store)
+        self.notifier = Notifier(cfg.approval.webhooks)
+        await self.notifier.start()
+        self.approvals = Approvals(self.store, cfg.approval, registry=self.verifier.registry,
+                                   notify=self.notifier, scrub=scrub_value)
+        self.streams = OpenStreams()
+        self.killswitches.on_kill.append(self._on_kill)
+        self.sync = StateSync(self.killswitches, self.approvals, cfg.state.poll_seconds)
+        await self.sync.start()
+        self.events = AdminEvents(self.store, self.instance)
         self.pipeline = Pipeline(cfg, verifier=self.verifier, engine=self.engine, audit=self.audit,
-                                 metrics=self.metrics, instance=self.instance)
+                                 metrics=self.metrics, instance=self.instance, killswitches=self.killswitches,
+                                 approvals=self.approvals, streams=self.streams)
         self.upstream = RouteUpstream(cfg)
         await self.upstream.start()
         routes = RouteFrontEnd(self.pipeline, self.upstream, max_body=MAX_REQUEST_BODY)
         admin = AdminApi(verifier=self.verifier, engine=self.engine, store=self.store,
-                         audit=self.audit, metrics=self.metrics, sql_row_limit=cfg.audit.sql_row_limit)
+                         audit=self.audit, metrics=self.metrics, sql_row_limit=cfg.audit.sql_row_limit,
+                         killswitches=self.killswitches, approvals=self.approvals, events=self.events,
+                         approver_teams_claim=cfg.approval.approver_teams_claim)
         routes_addr = await self._serve(routes.app(), cfg.listen.routes)
         admin_addr = await self._serve(admin.app(), cfg.listen.admin)
         proxy_addr = None
@@ -88,6 +113,13 @@ class Gateway:
         log.info("agentgate up: proxy %s, routes %s, admin %s, policy %s revision %s",
                  proxy_addr, routes_addr, admin_addr, self.engine.name, self.engine.revision)
         return self.listeners
+
+    def _on_kill(self, switch: KillSwitch) -> None:
+        """A new kill-switch (from here or another replica): cut open streams, deny held calls."""
+        self.streams.cut_matching(switch)
+        task = asyncio.get_running_loop().create_task(self.approvals.deny_for_killswitch(switch))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _serve(self, app: web.Application, hostport: str) -> tuple[str, int]:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -107,6 +139,8 @@ class Gateway:
             await runner.cleanup()
         self._runners.clear()
         await self.upstream.close()
+        await self.sync.close()
+        await self.notifier.close()
         await self.audit.close()
         await self.store.close()
         await self.engine.close()

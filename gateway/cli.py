@@ -96,14 +96,15 @@ def cmd_policy_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_call(args: argparse.Namespace, path: str, payload: dict[str, Any]) -> Any:
+def _admin_call(args: argparse.Namespace, path: str, payload: dict[str, Any] | None = None,
+                method: str = "POST") -> Any:
     token = args.token or os.environ.get("AGENTGATE_TOKEN")
     if not token:
         raise ConfigError("an admin token is needed: pass --token or set AGENTGATE_TOKEN")
     base = args.admin_url or _config(args).admin_url
     req = urllib.request.Request(
-        base.rstrip("/") + path, data=json.dumps(payload).encode(), method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        base.rstrip("/") + path, data=json.dumps(payload).encode() if payload is not None else None,
+        method=method, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as resp:
             return json.load(resp)
@@ -137,6 +138,59 @@ def cmd_audit_sql(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         _print_table(result["columns"], result["rows"])
+    return 0
+
+
+def _print_json_or(args: argparse.Namespace, doc: Any, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_table(columns, [[r.get(c) for c in columns] for r in rows])
+
+
+def cmd_approvals_list(args: argparse.Namespace) -> int:
+    query = f"?state={args.state}" if args.state != "all" else ""
+    doc = _admin_call(args, f"/v1/approvals{query}", method="GET")
+    _print_json_or(args, doc, ["id", "state", "agent_id", "method", "host", "path", "approvers", "reasons"],
+                   doc["approvals"])
+    return 0
+
+
+def cmd_approvals_decide(args: argparse.Namespace) -> int:
+    verb = "approve" if args.approvals_command == "approve" else "deny"
+    doc = _admin_call(args, f"/v1/approvals/{args.id}/{verb}", {"reason": args.reason or ""})
+    print(f"approval {doc['id']}: {doc['state']} by {doc['decided_by']}")
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    target = "" if args.scope == "all" else args.target
+    doc = _admin_call(args, "/v1/killswitches", {"scope": args.scope, "target": target, "reason": args.reason})
+    print(f"kill-switch {doc['id']} on {doc['scope']} {doc['target']}: {doc['reason']}")
+    return 0
+
+
+def cmd_killswitches(args: argparse.Namespace) -> int:
+    doc = _admin_call(args, "/v1/killswitches" + ("?all=1" if args.all else ""), method="GET")
+    _print_json_or(args, doc, ["id", "scope", "target", "reason", "created_by", "active"], doc["killswitches"])
+    return 0
+
+
+def cmd_revive(args: argparse.Namespace) -> int:
+    """Revoke one switch by id, or every active switch on an agent, a team or 'all'."""
+    if args.what.startswith("ks_"):
+        ids = [args.what]
+    else:
+        scope, target = args.what, (args.target or "")
+        if scope not in ("agent", "team", "all"):
+            raise SystemExit("agentgate: revive takes a kill-switch id, or agent ID, team T, all")
+        active = _admin_call(args, "/v1/killswitches", method="GET")["killswitches"]
+        ids = [s["id"] for s in active if s["scope"] == scope and (scope == "all" or s["target"] == target)]
+        if not ids:
+            raise SystemExit(f"agentgate: no active kill-switch on {scope} {target}".rstrip())
+    for switch_id in ids:
+        doc = _admin_call(args, f"/v1/killswitches/{switch_id}", method="DELETE")
+        print(f"kill-switch {doc['id']} revoked ({doc['scope']} {doc['target']})")
     return 0
 
 
@@ -197,6 +251,35 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--limit", type=int)
     sql.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sql.set_defaults(func=cmd_audit_sql)
+
+    approvals = sub.add_parser("approvals", help="approval holds").add_subparsers(dest="approvals_command",
+                                                                                required=True)
+    alist = with_admin(approvals.add_parser("list", help="list approvals"))
+    alist.add_argument("--state", default="pending",
+                       choices=["pending", "approved", "denied", "consumed", "expired", "all"])
+    alist.add_argument("--json", action="store_true")
+    alist.set_defaults(func=cmd_approvals_list)
+    for verb in ("approve", "deny"):
+        p = with_admin(approvals.add_parser(verb, help=f"{verb} a pending approval"))
+        p.add_argument("id")
+        p.add_argument("--reason", required=verb == "deny")
+        p.set_defaults(func=cmd_approvals_decide)
+
+    kill = sub.add_parser("kill", help="flip a kill-switch").add_subparsers(dest="scope", required=True)
+    for scope in ("agent", "team", "all"):
+        p = with_admin(kill.add_parser(scope, help=f"suspend {'every agent' if scope == 'all' else 'one ' + scope}"))
+        if scope != "all":
+            p.add_argument("target")
+        p.add_argument("--reason", default="kill-switch flipped from the agentgate CLI")
+        p.set_defaults(func=cmd_kill)
+    kls = with_admin(sub.add_parser("killswitches", help="list kill-switches"))
+    kls.add_argument("--all", action="store_true", help="include revoked ones")
+    kls.add_argument("--json", action="store_true")
+    kls.set_defaults(func=cmd_killswitches)
+    revive = with_admin(sub.add_parser("revive", help="revoke kill-switches: ID | agent ID | team T | all"))
+    revive.add_argument("what")
+    revive.add_argument("target", nargs="?")
+    revive.set_defaults(func=cmd_revive)
 
     ca = sub.add_parser("ca", help="interception CA").add_subparsers(dest="ca_command", required=True)
     with_config(ca.add_parser("path", help="print the CA certificate's path")).set_defaults(func=cmd_ca_path)

@@ -156,6 +156,40 @@ class RouteConfig(_Section):
         return v.rstrip("/")
 
 
+class WebhookConfig(_Section):
+    """Where new pending approvals are announced (POST, retried, never blocking a call)."""
+
+    url: str
+    format: Literal["json", "slack"] = "json"
+    timeout_seconds: float = Field(default=5, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v
+
+
+class ApprovalConfig(_Section):
+    hold_seconds: float = Field(default=30, ge=0, le=3600)
+    """How long a held call waits on its open connection for a decision."""
+    ttl_seconds: float = Field(default=900, gt=0)
+    """How long an approval stays open (and, once approved, usable by a retry)."""
+    allow_self_approval: bool = False
+    """Let an agent's registry owner approve its calls."""
+    approver_teams_claim: str = "approver_teams"
+    """Admin JWT claim limiting an approver to the listed teams (absent: all teams)."""
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+
+
+class StateConfig(_Section):
+    poll_seconds: float = Field(default=0.25, gt=0, le=5)
+    """How often a replica reads kill-switches and approvals changed by other replicas."""
+
+
 class ProxyConfig(_Section):
     """Forward-proxy (mitmproxy) settings."""
 
@@ -182,6 +216,8 @@ class Config(BaseSettings):
     policy: PolicyConfig = PolicyConfig()
     audit: AuditConfig = AuditConfig()
     proxy: ProxyConfig = ProxyConfig()
+    approval: ApprovalConfig = ApprovalConfig()
+    state: StateConfig = StateConfig()
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
 
     @field_validator("routes")

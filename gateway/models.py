@@ -103,4 +103,8 @@ class Call:
     upstream_started: float = 0.0
     tool_kind: str = "http"
     tool_name: str = ""
+    approval_id: str = ""
+    approver: str = ""
+    decided_at_ns: int = 0
+    killswitch_id: str = ""
     finished: bool = False

@@ -18,7 +18,6 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -26,23 +25,20 @@ from pydantic import ValidationError
 from gateway.canonical import canonical_host, canonical_path, canonical_port
 from gateway.config import Config
 from gateway.errors import BadRequest, Forbidden, GatewayError, Unauthenticated
+from gateway.approvals import Approvals
 from gateway.identity import IdentityError, JwtVerifier, extract_bearer
+from gateway.killswitch import KillSwitches
 from gateway.metrics import Metrics
 from gateway.models import Call, Decision, GatewayRequest, Identity
 from gateway.policy import PolicyEngine
 from gateway.policy.input import build_input
+from gateway.streams import OpenStreams
 from storage.audit import AuditWriter, call_to_row
 
 log = logging.getLogger("agentgate.pipeline")
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-
-
-@dataclass(slots=True)
-class UpstreamResult:
-    status: int
-    response_bytes: int
 
 
 class Upstream(Protocol):
@@ -62,13 +58,17 @@ def trace_id_for(request: GatewayRequest) -> str:
 
 class Pipeline:
     def __init__(self, cfg: Config, *, verifier: JwtVerifier, engine: PolicyEngine,
-                 audit: AuditWriter, metrics: Metrics, instance: str) -> None:
+                 audit: AuditWriter, metrics: Metrics, instance: str, killswitches: KillSwitches,
+                 approvals: Approvals, streams: OpenStreams) -> None:
         self.cfg = cfg
         self.verifier = verifier
         self.engine = engine
         self.audit = audit
         self.metrics = metrics
         self.instance = instance
+        self.killswitches = killswitches
+        self.approvals = approvals
+        self.streams = streams
         self._decision_hist = metrics.decision_seconds.labels(engine=engine.name)
 
     # -- the order -------------------------------------------------------------------
@@ -78,9 +78,9 @@ class Pipeline:
         call.trace_id = trace_id_for(call.request)
         call.request_bytes = len(call.request.body)
         call.identity = await self.authenticate(call.request.mode, credential, identity)
-        # kill-switch: issue 3 slots in here, before any policy work is spent on the call.
+        self._check_killswitch(call)
         await self._decide(call)
-        self._approval(call)
+        await self._approval(call)
 
     async def run(self, call: Call, upstream: Upstream, *, credential: str | None) -> Any:
         """Route front end: the whole pipeline around ``upstream``. Never raises GatewayError
@@ -194,13 +194,21 @@ class Pipeline:
         reason = "; ".join(decision.reasons) or "denied by policy"
         raise Forbidden(reason, code="policy_denied", outcome="denied")
 
-    def _approval(self, call: Call) -> None:
+    def _check_killswitch(self, call: Call) -> None:
+        assert call.identity is not None
+        switch = self.killswitches.match(call.identity)
+        if switch is not None:
+            call.killswitch_id = switch.id
+            raise Forbidden(f"agent suspended by kill-switch {switch.id}: {switch.reason}",
+                            code="agent_suspended", outcome="killed")
+
+    async def _approval(self, call: Call) -> None:
         decision = call.decision
         if decision is None or not decision.require_approval or not call.enforce:
             return
-        # Approval holds are their own issue; until they exist such calls fail closed.
-        raise Forbidden("this call requires human approval, which this gateway cannot grant yet",
-                        code="approval_required", outcome="approval_required")
+        await self.approvals.hold(call)
+        # The agent may have been killed while its call was held.
+        self._check_killswitch(call)
 
 
 def _describe_policy_failure(exc: BaseException) -> str:

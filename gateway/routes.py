@@ -6,6 +6,7 @@ aiohttp response. The order of the checks is the pipeline's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
@@ -121,16 +122,34 @@ class RouteFrontEnd:
                 return web.Response(status=upstream.status, body=body, headers=headers)
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(request)
+            cut = asyncio.Event()
+
+            def stop() -> None:  # a kill-switch ends the stream at once
+                cut.set()
+                upstream.close()
+
+            self.pipeline.streams.add(call, stop)
             sent = 0
             try:
                 async for chunk in upstream.content.iter_any():
                     await resp.write(chunk)
                     sent += len(chunk)
-                await resp.write_eof()
+                if not cut.is_set():
+                    await resp.write_eof()
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                call.response_bytes = sent
-                self._broken(call, exc)
-                raise  # headers are out: cutting the connection is the only honest signal
+                if not cut.is_set():
+                    call.response_bytes = sent
+                    self._broken(call, exc)
+                    raise  # headers are out: cutting the connection is the only honest signal
+            finally:
+                self.pipeline.streams.discard(call)
+            call.response_bytes = sent
+            if cut.is_set():
+                self.pipeline.fail(call, GatewayError("stream cut: agent suspended", code="agent_suspended",
+                                                      status=upstream.status, outcome="killed"))
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
             self.pipeline.finish(call, status=upstream.status, response_bytes=sent)
             return resp
         finally:

@@ -118,6 +118,10 @@ def call_to_row(call: "Call", *, instance: str) -> tuple[Any, ...]:
         "gateway_ms": max(0.0, elapsed_ns / 1e6 - upstream_ms),
         "client_ip": req.client_ip or "",
         "gateway_instance": instance,
+        "approval_id": call.approval_id,
+        "approver": call.approver,
+        "decided_at": _ts(call.decided_at_ns) if call.decided_at_ns else None,
+        "killswitch_id": call.killswitch_id,
     }
     return tuple(values[name] for name in schema.COLUMN_NAMES)
 

@@ -62,6 +62,11 @@ COLUMNS: tuple[Column, ...] = (
     Column("gateway_ms", "Float32", "Gateway's own time in milliseconds (total minus upstream)"),
     Column("client_ip", "String", "Agent's source address"),
     Column("gateway_instance", "String", "Gateway instance that handled the call"),
+    # version 2: approvals and kill-switches
+    Column("approval_id", "String", "Approval that held this call, if any"),
+    Column("approver", "String", "Who decided that approval (admin JWT subject)"),
+    Column("decided_at", "Nullable(DateTime64(6, 'UTC'))", "When that approval was decided"),
+    Column("killswitch_id", "String", "Kill-switch that refused this call, if any"),
 )
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 COLUMN_TYPES: tuple[str, ...] = tuple(c.type for c in COLUMNS)
@@ -103,10 +108,23 @@ def version_table_ddl(database: str) -> str:
     )
 
 
+def _add_columns(database: str, names: tuple[str, ...]) -> list[str]:
+    by_name = {c.name: c for c in COLUMNS}
+    return [
+        f"ALTER TABLE {database}.{CALLS_TABLE} ADD COLUMN IF NOT EXISTS `{n}` {by_name[n].type} "
+        f"COMMENT {_quote(by_name[n].comment)}"
+        for n in names
+    ]
+
+
 def migrations(database: str, ttl_days: int) -> list[tuple[int, list[str]]]:
     """Ordered (version, [DDL ...]); a version is recorded once all its statements ran."""
+    from storage.state_schema import state_tables_ddl
+
     return [
         (1, [calls_ddl(database, ttl_days)]),
+        (2, _add_columns(database, ("approval_id", "approver", "decided_at", "killswitch_id"))
+            + state_tables_ddl(database)),
     ]
 
 

@@ -131,6 +131,15 @@ async def _echo(request: web.Request) -> web.StreamResponse:
             await resp.write(f"data: event {i}\n\n".encode())
         await resp.write_eof()
         return resp
+    if request.path.endswith("/sse-slow"):
+        # A long-lived stream (bounded: 200 events, 10 s) for kill-switch tests.
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(200):
+            await resp.write(f"data: tick {i}\n\n".encode())
+            await asyncio.sleep(0.05)
+        await resp.write_eof()
+        return resp
     if request.path.endswith("/big"):
         return web.Response(body=b"x" * (3 << 20), content_type="application/octet-stream")
     return web.json_response({
@@ -207,6 +216,8 @@ def toml_dump(doc: dict[str, Any], prefix: str = "") -> str:
             return json.dumps(str(v))
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):  # inline table
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
         raise TypeError(v)
 
     scalars = [f"{k} = {value(v)}" for k, v in doc.items() if not isinstance(v, dict)]

@@ -84,7 +84,7 @@ async def test_migrations_idempotent_and_recorded(tmp_path: Path) -> None:
         await s.open()
         try:
             assert await s.run(schema.apply_migrations, "audit_x", 30) == []  # nothing left to do
-            versions = await select(s, "SELECT version, applied_at FROM audit_x.schema_version")
+            versions = await select(s, "SELECT version, applied_at FROM audit_x.schema_version ORDER BY version")
             assert [v for v, _ in versions] == [m[0] for m in schema.migrations("audit_x", 30)]
             assert all(isinstance(at, dt.datetime) for _, at in versions)
             [(part, order, ttl_days)] = await select(

@@ -199,7 +199,8 @@ def module_package(source: str) -> list[str] | None:
 def rule_heads(source: str) -> dict[str, bool]:
     """Names of the rules a module defines -> whether any definition is a function."""
     heads: dict[str, bool] = {}
-    body = source[_PACKAGE_RE.search(source).end():] if _PACKAGE_RE.search(source) else source
+    package = _PACKAGE_RE.search(source)
+    body = source[package.end():] if package else source
     for match in _HEAD_RE.finditer(body):
         name = match.group(1)
         if name in _NOT_HEADS:

@@ -7,6 +7,10 @@ always runs entirely against one bundle and none is ever dropped by a reload.
 
 Strings cross into rego-cpp JSON-escaped (see :func:`_escape`): its C input API stores strings
 verbatim and compares them with the *escaped* text of Rego literals, and it truncates at NUL.
+
+rego-cpp 1.5 aborts the whole process on some valid Rego (e.g. ``with input as {...}`` over a
+rule that builds an object from other rules), so every bundle is first compiled in a child
+process (:func:`preflight`): a bundle that would crash is refused like any compile error.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import json
 import logging
 import math
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -230,8 +237,64 @@ class CompiledPolicy:
         return expressions[0]
 
 
-def compile_bundle(loaded: LoadedBundle, entrypoints: list[str]) -> CompiledPolicy:
-    """Compile ``loaded`` with a fresh interpreter (thread-safe: shares nothing)."""
+PREFLIGHT_TIMEOUT_SECONDS = 60.0
+_PREFLIGHT_SCRIPT = """
+import json, sys
+from regopy import Interpreter, LogLevel, RegoError
+doc = json.loads(sys.stdin.buffer.read())
+interp = Interpreter()
+interp.log_level = LogLevel.NONE
+try:
+    for name, source in doc["modules"].items():
+        interp.add_module(name, source)
+    interp.add_data_json(doc["data"])
+    interp.build(None, doc["entrypoints"])
+except RegoError:
+    pass  # an ordinary compile error: the in-process compile reports it in full
+"""
+
+
+def preflight(loaded: LoadedBundle, entrypoints: list[str]) -> None:
+    """Compile ``loaded`` in a child process; raise :class:`PolicyLoadError` if rego-cpp crashes.
+
+    Costs one interpreter start (~50 ms) per load; compilation is deterministic, so a bundle
+    that survives here does not crash the gateway when compiled in-process.
+    """
+    payload = json.dumps({"modules": loaded.modules, "data": _json_text(loaded.data),
+                          "entrypoints": entrypoints}).encode()
+    try:
+        proc = subprocess.run([sys.executable, "-I", "-c", _PREFLIGHT_SCRIPT], input=payload,
+                              capture_output=True, timeout=PREFLIGHT_TIMEOUT_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise PolicyLoadError(
+            f"compiling the bundle took longer than {PREFLIGHT_TIMEOUT_SECONDS:g}s") from None
+    except OSError as exc:
+        raise PolicyLoadError(f"cannot run the bundle compile check: {exc}") from None
+    if proc.returncode == 0:
+        return
+    if proc.returncode < 0:
+        try:
+            how = signal.Signals(-proc.returncode).name
+        except ValueError:
+            how = f"signal {-proc.returncode}"
+    else:
+        how = f"exit status {proc.returncode}"
+    lines = [ln.strip() for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    detail = "; ".join(lines[-2:]) or "no message"
+    raise PolicyLoadError(
+        f"rego-cpp crashed compiling the bundle ({how}: {detail}). Known trigger in regopy 1.5: "
+        "'with input as {...}' over rules built from other rules; set input one key at a time "
+        "('with input.agent as ...') instead")
+
+
+def compile_bundle(loaded: LoadedBundle, entrypoints: list[str], *,
+                   check: bool = True) -> CompiledPolicy:
+    """Compile ``loaded`` with a fresh interpreter (thread-safe: shares nothing).
+
+    ``check``: run :func:`preflight` first (turns a rego-cpp abort into a PolicyLoadError).
+    """
+    if check:
+        preflight(loaded, entrypoints)
     interp = Interpreter()
     interp.log_level = LogLevel.NONE  # errors come back in the RegoError; don't print them
     try:

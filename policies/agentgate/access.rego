@@ -1,4 +1,7 @@
 # Which system a call reaches, and whether the agent's roles may call it that way.
+#
+# Reasons are built with concat rather than sprintf: regopy 1.5.2's sprintf wraps strings
+# that came from other builtins in quotes.
 package agentgate
 
 import rego.v1

@@ -6,7 +6,7 @@ import rego.v1
 import data.agentgate
 
 test_role_grant_allows_and_says_why if {
-	d := forward(support_bot, request("GET", "example.zendesk.com", "/api/v2/users/7.json"))
+	d := forward(support_bot, request("GET", "acme.zendesk.com", "/api/v2/users/7.json"))
 	d.allow == true
 	d.reasons == ["role support may GET zendesk"]
 	d.require_approval == false
@@ -25,7 +25,7 @@ test_unknown_route_is_denied if {
 	d.reasons == ["route pastebin is not mapped to an approved system"]
 }
 
-# In route mode the route decides, even when the host belongs to another system.
+# In route mode the route decides, even when the host belongs to another system (demo's).
 test_route_mode_attributes_by_route if {
 	d := routed(sales_bot, "salesforce", request("GET", "127.0.0.1", "/services/data/v60.0/sobjects/Account"))
 	d.allow == true
@@ -34,33 +34,33 @@ test_route_mode_attributes_by_route if {
 
 # In forward mode a route name cannot smuggle a request to another host.
 test_forward_mode_attributes_by_host if {
-	d := forward(sales_bot, request("GET", "example.zendesk.com", "/api/v2/tickets.json"))
+	d := forward(sales_bot, request("GET", "acme.zendesk.com", "/api/v2/tickets.json"))
 	d.allow == false
 	d.reasons == ["role sales may not GET zendesk"]
 }
 
 test_method_not_granted_is_denied if {
-	d := forward(support_bot, request("PATCH", "example.my.salesforce.com", "/services/data/v60.0/sobjects/Account/1"))
+	d := forward(support_bot, request("PATCH", "acme.my.salesforce.com", "/services/data/v60.0/sobjects/Account/1"))
 	d.allow == false
 	d.reasons == ["role support may not PATCH salesforce"]
 }
 
 test_grant_for_method_allows if {
-	d := forward(sales_bot, request("PATCH", "example.my.salesforce.com", "/services/data/v60.0/sobjects/Account/1"))
+	d := forward(sales_bot, request("PATCH", "acme.my.salesforce.com", "/services/data/v60.0/sobjects/Account/1"))
 	d.allow == true
 	d.reasons == ["role sales may PATCH salesforce"]
 }
 
 # Methods match exactly: a lower-case spelling matches no grant.
 test_method_case_is_not_folded if {
-	d := forward(support_bot, request("get", "example.zendesk.com", "/api/v2/users/7.json"))
+	d := forward(support_bot, request("get", "acme.zendesk.com", "/api/v2/users/7.json"))
 	d.allow == false
 	d.reasons == ["role support may not get zendesk"]
 }
 
 test_any_granting_role_allows if {
 	agent := {"id": "helper", "team": "support", "roles": ["sales", "support"], "claims": {}}
-	d := forward(agent, request("POST", "example.atlassian.net", "/rest/api/3/issue"))
+	d := forward(agent, request("POST", "acme.atlassian.net", "/rest/api/3/issue"))
 	d.allow == true
 	d.reasons == ["role support may POST jira"]
 }
@@ -87,7 +87,7 @@ test_unknown_role_is_denied if {
 }
 
 test_delete_on_every_system_of_record_is_denied if {
-	every system, host in {"salesforce": "example.my.salesforce.com", "zendesk": "example.zendesk.com", "jira": "example.atlassian.net"} {
+	every system, host in {"salesforce": "acme.my.salesforce.com", "zendesk": "acme.zendesk.com", "jira": "acme.atlassian.net"} {
 		d := forward(ops_bot, request("DELETE", host, "/records/1"))
 		d.allow == false
 		concat(" ", ["DELETE on", system, "is never allowed: it is a system of record"]) in d.reasons
@@ -96,7 +96,7 @@ test_delete_on_every_system_of_record_is_denied if {
 
 # Even a role granted DELETE cannot delete from a system of record.
 test_delete_on_system_of_record_overrides_grants if {
-	d := forward(sales_bot, request("DELETE", "example.my.salesforce.com", "/services/data/v60.0/sobjects/Account/1"))
+	d := forward(sales_bot, request("DELETE", "acme.my.salesforce.com", "/services/data/v60.0/sobjects/Account/1"))
 		with data.gateway.roles.sales.grants.salesforce as ["GET", "DELETE"]
 	d.allow == false
 	d.reasons == ["DELETE on salesforce is never allowed: it is a system of record"]
@@ -110,32 +110,32 @@ test_delete_elsewhere_follows_grants if {
 	d.reasons == ["role ops may DELETE slack"]
 }
 
+registry := {"support-bot": {"owner": "alice@example.com", "team": "support", "systems": ["zendesk", "slack"]}}
+
 test_registered_agent_outside_its_systems_is_denied if {
-	d := forward(support_bot, request("GET", "example.atlassian.net", "/rest/api/3/issue/OPS-1"))
-		with data.agents as {"support-bot": {"owner": "alice@example.com", "systems": ["zendesk", "slack"]}}
+	d := registered_forward(support_bot, request("GET", "acme.atlassian.net", "/rest/api/3/issue/OPS-1"), registry)
 	d.allow == false
 	d.reasons == ["agent support-bot is not registered for jira"]
 }
 
 test_registered_agent_within_its_systems_is_allowed if {
-	d := forward(support_bot, request("GET", "slack.com", "/api/conversations.history"))
-		with data.agents as {"support-bot": {"owner": "alice@example.com", "systems": ["zendesk", "slack"]}}
+	d := registered_forward(support_bot, request("GET", "slack.com", "/api/conversations.history"), registry)
 	d.allow == true
 }
 
 # The registry narrows registered agents only; an empty registry narrows nobody.
 test_unregistered_agent_is_judged_by_roles_alone if {
-	d := forward(support_bot, request("GET", "example.atlassian.net", "/rest/api/3/issue/OPS-1"))
-		with data.agents as {}
+	d := registered_forward(support_bot, request("GET", "acme.atlassian.net", "/rest/api/3/issue/OPS-1"), {})
 	d.allow == true
 	d.reasons == ["role support may GET jira"]
 }
 
 test_other_tool_kinds_are_denied if {
 	d := agentgate.decision with input.agent as {"id": "support-bot", "roles": ["support"]}
-		with input.request as {"method": "POST", "host": "example.zendesk.com", "path_segments": []}
+		with input.request as {"method": "POST", "host": "acme.zendesk.com", "path_segments": []}
 		with input.route as null
 		with input.tool as {"kind": "mcp", "name": "create_ticket"}
+		with data.agents as {}
 	d.allow == false
 	d.reasons == ["this policy covers HTTP tool calls only"]
 }

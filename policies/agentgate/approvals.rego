@@ -60,10 +60,8 @@ zendesk_tickets_path if {
 	trim_suffix(segments[2], ".json") == "tickets"
 }
 
-body_inspected if {
-	is_object(input.request.body)
-	not input.request.body_truncated
-}
+# The body is null when it was too large, not JSON, or unparsable (see body_error).
+body_inspected if is_object(input.request.body)
 
 # A single-ticket write carries "ticket"; update_many carries "tickets".
 ticket_comments contains input.request.body.ticket.comment

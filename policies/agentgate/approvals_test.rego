@@ -20,7 +20,7 @@ test_other_sendgrid_calls_need_no_approval if {
 
 # Zendesk comments are public unless they say otherwise.
 test_ticket_reply_is_public_by_default if {
-	d := forward(support_bot, json_request("PUT", "example.zendesk.com", "/api/v2/tickets/42.json", {"ticket": {"comment": {"body": "Fixed!"}}}))
+	d := forward(support_bot, json_request("PUT", "acme.zendesk.com", "/api/v2/tickets/42.json", {"ticket": {"comment": {"body": "Fixed!"}}}))
 	d.allow == true
 	d.require_approval == true
 	d.approvers == ["support-lead"]
@@ -28,20 +28,20 @@ test_ticket_reply_is_public_by_default if {
 }
 
 test_explicit_public_reply_needs_approval if {
-	d := forward(support_bot, json_request("POST", "example.zendesk.com", "/api/v2/tickets", {"ticket": {"subject": "Hi", "comment": {"body": "Hello", "public": true}}}))
+	d := forward(support_bot, json_request("POST", "acme.zendesk.com", "/api/v2/tickets", {"ticket": {"subject": "Hi", "comment": {"body": "Hello", "public": true}}}))
 	d.require_approval == true
 	d.approvers == ["support-lead"]
 }
 
 test_internal_note_needs_no_approval if {
-	d := forward(support_bot, json_request("PUT", "example.zendesk.com", "/api/v2/tickets/42.json", {"ticket": {"comment": {"body": "Customer is on the beta plan", "public": false}}}))
+	d := forward(support_bot, json_request("PUT", "acme.zendesk.com", "/api/v2/tickets/42.json", {"ticket": {"comment": {"body": "Customer is on the beta plan", "public": false}}}))
 	d.allow == true
 	d.require_approval == false
 	d.reasons == ["role support may PUT zendesk"]
 }
 
 test_ticket_update_without_comment_needs_no_approval if {
-	d := forward(support_bot, json_request("PUT", "example.zendesk.com", "/api/v2/tickets/42.json", {"ticket": {"status": "solved"}}))
+	d := forward(support_bot, json_request("PUT", "acme.zendesk.com", "/api/v2/tickets/42.json", {"ticket": {"status": "solved"}}))
 	d.allow == true
 	d.require_approval == false
 }
@@ -51,7 +51,7 @@ test_bulk_update_with_a_public_reply_needs_approval if {
 		{"id": 1, "status": "solved"},
 		{"id": 2, "comment": {"body": "Closing this, thanks!"}},
 	]}
-	d := forward(support_bot, json_request("PUT", "example.zendesk.com", "/api/v2/tickets/update_many.json", body))
+	d := forward(support_bot, json_request("PUT", "acme.zendesk.com", "/api/v2/tickets/update_many.json", body))
 	d.require_approval == true
 	d.approvers == ["support-lead"]
 }
@@ -59,7 +59,7 @@ test_bulk_update_with_a_public_reply_needs_approval if {
 # A body the gateway could not parse might hold a public reply: ask first.
 test_uninspectable_ticket_write_needs_approval if {
 	req := object.union(
-		request("PUT", "example.zendesk.com", "/api/v2/tickets/42.json"),
+		request("PUT", "acme.zendesk.com", "/api/v2/tickets/42.json"),
 		{"body_size": 2000000, "body_truncated": true, "body_error": "too_large"},
 	)
 	d := forward(support_bot, req)
@@ -107,4 +107,10 @@ test_listing_refunds_needs_no_approval if {
 test_refund_path_spelling_does_not_matter if {
 	d := forward(ops_bot, json_request("POST", "api.stripe.com", "/v1/refunds/", {"charge": "ch_123"}))
 	d.require_approval == true
+}
+
+test_scheduled_slack_post_needs_approval if {
+	d := forward(support_bot, json_request("POST", "slack.com", "/api/chat.scheduleMessage", {"channel": "C123", "text": "Reminder", "post_at": 1767225600}))
+	d.require_approval == true
+	d.approvers == ["security"]
 }

@@ -27,8 +27,6 @@ package agentgate
 
 import rego.v1
 
-no_redaction := {"fields": [], "detectors": []}
-
 default decision := {
 	"allow": false,
 	"reasons": ["no rule allowed this request"],
@@ -43,7 +41,7 @@ decision := {
 	"reasons": sorted(deny),
 	"require_approval": false,
 	"approvers": [],
-	"redact": no_redaction,
+	"redact": {"fields": [], "detectors": []},
 } if {
 	count(deny) > 0
 }

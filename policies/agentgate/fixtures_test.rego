@@ -39,13 +39,17 @@ json_request(method, host, path, body) := object.union(
 	{"body": body, "body_size": 1, "content_type": "application/json"},
 )
 
-# The decision for a forward-proxy call (the host names the system).
-forward(agent, req) := d if {
+# The decision for a forward-proxy call (the host names the system). Tests are hermetic:
+# the agent registry is empty unless a test passes one.
+forward(agent, req) := registered_forward(agent, req, {})
+
+registered_forward(agent, req, registry) := d if {
 	d := agentgate.decision with input.agent as agent
 		with input.request as req
 		with input.route as null
 		with input.tool as {"kind": "http"}
 		with input.context as {"mode": "forward", "client_ip": "127.0.0.1", "trace_id": "test"}
+		with data.agents as registry
 }
 
 # The decision for a call through a named route (the route names the system).
@@ -55,6 +59,7 @@ routed(agent, route, req) := d if {
 		with input.route as route
 		with input.tool as {"kind": "http"}
 		with input.context as {"mode": "route", "client_ip": "127.0.0.1", "trace_id": "test"}
+		with data.agents as {}
 }
 
 # The route front end's own address: in route mode the host says nothing about the system.

@@ -14,7 +14,7 @@ ticket_redaction := {
 }
 
 test_zendesk_ticket_read_is_redacted if {
-	d := forward(support_bot, request("GET", "example.zendesk.com", "/api/v2/tickets/42.json"))
+	d := forward(support_bot, request("GET", "acme.zendesk.com", "/api/v2/tickets/42.json"))
 	d.allow == true
 	d.redact == ticket_redaction
 	d.reasons == ["role support may GET zendesk", "customer contact details are redacted from ticket data"]
@@ -26,18 +26,18 @@ test_zendesk_ticket_list_is_redacted if {
 }
 
 test_zendesk_ticket_comments_are_redacted if {
-	d := forward(support_bot, request("GET", "example.zendesk.com", "/api/v2/tickets/42/comments.json"))
+	d := forward(support_bot, request("GET", "acme.zendesk.com", "/api/v2/tickets/42/comments.json"))
 	d.redact == ticket_redaction
 }
 
 test_other_zendesk_reads_are_not_redacted if {
-	d := forward(support_bot, request("GET", "example.zendesk.com", "/api/v2/macros.json"))
+	d := forward(support_bot, request("GET", "acme.zendesk.com", "/api/v2/macros.json"))
 	d.allow == true
 	d.redact == {"fields": [], "detectors": []}
 }
 
 test_ticket_writes_are_not_redacted if {
-	d := forward(support_bot, json_request("PUT", "example.zendesk.com", "/api/v2/tickets/42.json", {"ticket": {"status": "open"}}))
+	d := forward(support_bot, json_request("PUT", "acme.zendesk.com", "/api/v2/tickets/42.json", {"ticket": {"status": "open"}}))
 	d.redact == {"fields": [], "detectors": []}
 }
 
@@ -48,7 +48,7 @@ test_demo_ticket_read_is_redacted if {
 }
 
 test_denied_ticket_read_is_not_redacted if {
-	d := forward(sales_bot, request("GET", "example.zendesk.com", "/api/v2/tickets/42.json"))
+	d := forward(sales_bot, request("GET", "acme.zendesk.com", "/api/v2/tickets/42.json"))
 	d.allow == false
 	d.redact == {"fields": [], "detectors": []}
 }

@@ -31,7 +31,21 @@ decision := {
 	"require_approval": false,
 	"approvers": [],
 	"redact": {"fields": [], "detectors": []},
-}
+} if not needs_approval
 
 reasons := sort(deny_reasons) if count(deny_reasons) > 0
 reasons := [sprintf("%s may %s %s", [input.agent.id, input.request.method, input.request.path])] if count(deny_reasons) == 0
+
+# Refunds need a human: a support lead.
+needs_approval if {
+	input.request.method == "POST"
+	startswith(input.request.path, "/refunds")
+}
+
+decision := {
+	"allow": count(deny_reasons) == 0,
+	"reasons": array.concat(reasons, ["refunds need a support lead's approval"]),
+	"require_approval": true,
+	"approvers": ["support-lead"],
+	"redact": {"fields": [], "detectors": []},
+} if needs_approval

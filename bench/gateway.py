@@ -1,0 +1,163 @@
+"""The gateway under test: keys, a generated configuration, the process, its admin API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from bench import procs
+
+ISSUER = "agentgate-bench"
+AUDIENCE = "agentgate"
+ROUTE = "demo"
+"""The example bundle maps route ``demo`` (and host 127.0.0.1) to the system ``demo``."""
+
+
+@dataclass
+class Keys:
+    private_pem: bytes
+    public_file: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> "Keys":
+        key = ed25519.Ed25519PrivateKey.generate()
+        priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+        pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        public_file = directory / "bench-ed25519.pub.pem"
+        public_file.write_bytes(pub)
+        return cls(priv, public_file)
+
+    def token(self, agent: str, roles: list[str], team: str | None = None, ttl: int = 4 * 3600) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {"sub": agent, "iat": now, "exp": now + ttl, "iss": ISSUER,
+                                  "aud": AUDIENCE, "roles": roles}
+        if team:
+            claims["team"] = team
+        return jwt.encode(claims, self.private_pem, algorithm="EdDSA")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (str, Path)):
+        return json.dumps(str(v))
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def toml_dump(doc: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML for the bench configuration (nested tables, scalars, lists)."""
+    out = "".join(f"{k} = {_toml_value(v)}\n" for k, v in doc.items() if not isinstance(v, dict))
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            name = f"{prefix}.{k}" if prefix else k
+            out += f"\n[{name}]\n" + toml_dump(v, name)
+    return out
+
+
+def config_doc(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca: Path) -> dict[str, Any]:
+    """The full pipeline: EdDSA JWTs, embedded Rego with the example bundle, audit to chDB,
+    TLS interception in forward mode with the upstream's private CA. Audit settings are the
+    gateway's defaults."""
+    return {
+        "data_dir": str(workdir / "data"),
+        "log_level": "warning",
+        "listen": {"proxy": "127.0.0.1:0", "routes": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+        "identity": {"algorithms": ["EdDSA"], "issuer": ISSUER, "audience": AUDIENCE,
+                     "public_key_files": [str(keys.public_file)], "dev_signing_key": False},
+        "policy": {"engine": "embedded", "dir": str(procs.ROOT / "policies"), "hot_reload": False},
+        "proxy": {"upstream_ca_file": str(upstream_ca)},
+        "routes": {ROUTE: {"upstream": f"http://{upstream_http}"}},
+    }
+
+
+@dataclass
+class GatewayProcess:
+    child: procs.Child
+    data_dir: Path
+    proxy: str
+    routes: str
+    admin: str
+    admin_token: str
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data_dir / "ca" / "mitmproxy-ca-cert.pem"
+
+    def route_url(self, path: str) -> str:
+        return f"http://{self.routes}/r/{ROUTE}{path}"
+
+    async def sql(self, session: aiohttp.ClientSession, query: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        async with session.post(f"http://{self.admin}/v1/audit/sql", json={"sql": query},
+                                headers={"Authorization": f"Bearer {self.admin_token}"},
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"audit SQL failed ({resp.status}): {body[:300]!r}")
+        doc = json.loads(body)
+        return [dict(zip(doc["columns"], row)) for row in doc["rows"]]
+
+    async def metrics(self, session: aiohttp.ClientSession) -> str:
+        async with session.get(f"http://{self.admin}/metrics") as resp:
+            return await resp.text()
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def start_gateway(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca: Path,
+                  cpus: set[int] | None) -> GatewayProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    doc = config_doc(workdir, keys, upstream_http=upstream_http, upstream_ca=upstream_ca)
+    config = workdir / "agentgate.toml"
+    config.write_text(toml_dump(doc))
+    child = procs.start("gateway", [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+                        ready_prefix="agentgate listening:", log=workdir / "gateway.log", cpus=cpus)
+    parts = dict(p.split("=", 1) for p in child.ready_line.split(":", 1)[1].split())
+    return GatewayProcess(child=child, data_dir=Path(doc["data_dir"]), proxy=parts["proxy"],
+                          routes=parts["routes"], admin=parts["admin"],
+                          admin_token=keys.token("bench-responder", ["responder"]))
+
+
+def decision_buckets(metrics_text: str) -> dict[float, float]:
+    """Cumulative ``agentgate_decision_seconds`` bucket counts by upper bound (all engines)."""
+    out: dict[float, float] = {}
+    for line in metrics_text.splitlines():
+        if not line.startswith("agentgate_decision_seconds_bucket{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        le = labels.split('le="', 1)[1].split('"', 1)[0]
+        bound = float("inf") if le == "+Inf" else float(le)
+        out[bound] = out.get(bound, 0.0) + float(value)
+    return out
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """Upper bucket bound (seconds) holding quantile ``q`` of the observations between two scrapes."""
+    bounds = sorted(after)
+    delta = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = delta[-1] if delta else 0.0
+    if total <= 0:
+        return None
+    for bound, cumulative in zip(bounds, delta):
+        if cumulative >= q * total:
+            return bound
+    return None

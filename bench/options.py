@@ -1,0 +1,85 @@
+"""Command-line options of ``python -m bench``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIGS = ("direct", "direct-tls", "route", "redact", "forward", "mitm", "lag")
+"""Configurations in run order (``--only`` picks among them)."""
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Options:
+    duration: float = 10.0
+    connections: int = 32
+    requests: int = 500_000
+    only: tuple[str, ...] = CONFIGS
+    smoke: bool = False
+    generator: str = "auto"
+    pin: bool = True
+    out: Path = RESULTS_DIR
+    warmup_requests: int = 1_000
+    lag_rate: float = 1_000.0
+    lag_seconds: float = 10.0
+    lag_samples_per_second: float = 4.0
+    leak: bool = False
+    leak_only: bool = False
+    leak_requests: int = 1_000_000
+    leak_seconds: float = 3_600.0
+    profile_seconds: float = 0.0
+    keep: bool = False
+
+    def apply_smoke(self) -> None:
+        """A few hundred requests per configuration: proves every configuration runs."""
+        self.duration = min(self.duration, 5.0)
+        self.requests = min(self.requests, 300)
+        self.warmup_requests = min(self.warmup_requests, 64)
+        self.lag_seconds = min(self.lag_seconds, 0.5)
+        self.lag_samples_per_second = max(self.lag_samples_per_second, 6.0)
+        self.leak = True
+        self.leak_requests = min(self.leak_requests, 2_000)
+        self.leak_seconds = min(self.leak_seconds, 10.0)
+
+
+def parse(argv: list[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark agentgate against its upstream on 127.0.0.1 (results in bench/results/).")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per load phase (default 10)")
+    p.add_argument("--connections", type=int, default=32, help="connections of the loaded phases (default 32)")
+    p.add_argument("--requests", type=int, default=500_000, help="request cap per load phase (default 500000)")
+    p.add_argument("--only", default=",".join(CONFIGS),
+                   help=f"comma-separated configurations to run, of: {', '.join(CONFIGS)}")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few hundred requests per configuration (and a tiny --leak): checks that all run")
+    p.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto",
+                   help="load generator where wrk can be used (default: wrk when installed)")
+    p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to cores")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where latest.json / latest.md go")
+    p.add_argument("--lag-rate", type=float, default=1_000.0, help="req/s of the audit-lag phase (default 1000)")
+    p.add_argument("--lag-seconds", type=float, default=10.0, help="length of the audit-lag phase (default 10)")
+    p.add_argument("--leak", action="store_true",
+                   help="leak mode: gateway RSS after N route requests vs after N/10 (runs only that)")
+    p.add_argument("--leak-requests", type=int, default=1_000_000, help="N of --leak (default 1000000)")
+    p.add_argument("--leak-seconds", type=float, default=3_600.0, help="time bound of --leak (default 3600)")
+    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                   help="also profile the gateway in route mode under load with py-spy for SECONDS")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, chDB data)")
+    a = p.parse_args(argv)
+    only = tuple(c.strip() for c in a.only.split(",") if c.strip())
+    unknown = [c for c in only if c not in CONFIGS]
+    if unknown:
+        p.error(f"--only: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    if a.duration <= 0 or a.connections < 1 or a.requests < 1 or a.leak_requests < 10 or a.lag_rate <= 0:
+        p.error("--duration, --connections, --requests, --lag-rate must be positive; --leak-requests >= 10")
+    opts = Options(duration=a.duration, connections=a.connections, requests=a.requests,
+                   only=tuple(c for c in CONFIGS if c in only), smoke=a.smoke, generator=a.generator,
+                   pin=a.pin, out=a.out, lag_rate=a.lag_rate, lag_seconds=a.lag_seconds, leak=a.leak,
+                   leak_requests=a.leak_requests, leak_seconds=a.leak_seconds, profile_seconds=a.profile,
+                   keep=a.keep, leak_only=a.leak and not a.smoke)
+    if opts.smoke:
+        opts.apply_smoke()
+    return opts

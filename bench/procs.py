@@ -1,0 +1,123 @@
+"""Child processes of the bench: start pinned to a core, wait for a ready line, read /proc."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Pinning:
+    """Which cores the system under test and the load side (upstream + generator) run on."""
+
+    proxy: set[int] | None
+    load: set[int] | None
+    note: str
+
+    @classmethod
+    def plan(cls, enabled: bool = True) -> "Pinning":
+        cpus = sorted(os.sched_getaffinity(0))
+        if not enabled:
+            return cls(None, None, f"no pinning (--no-pin); {len(cpus)} CPU(s) available")
+        if len(cpus) < 2:
+            return cls(None, None, f"no pinning: only {len(cpus)} CPU available")
+        proxy, load = {cpus[0]}, set(cpus[1:])
+        return cls(proxy, load, f"gateway / mitmproxy pinned to CPU {cpus[0]}; upstream, load generator "
+                                f"and bench driver pinned to CPU(s) {','.join(map(str, sorted(load)))} "
+                                f"(sched_setaffinity)")
+
+
+def pin_self(cpus: set[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+@dataclass
+class Child:
+    """A started child process whose stdout is drained by a thread (it never blocks on a pipe)."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    ready_line: str
+    log: Path
+    lines: "queue.Queue[str]" = field(default_factory=queue.Queue)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start(name: str, argv: Sequence[str], *, ready_prefix: str, log: Path, cpus: set[int] | None,
+          timeout: float = 60.0, env: dict[str, str] | None = None) -> Child:
+    """Start ``argv`` (cwd: the repo root) pinned to ``cpus``; wait for a stdout line starting
+    with ``ready_prefix``. Raises RuntimeError with the log tail if it exits or times out."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTGATE_")}
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.update(env or {})
+    err = open(log, "w")
+    proc = subprocess.Popen(
+        list(argv), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=err, text=True,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    err.close()
+    child = Child(name, proc, "", log)
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            child.lines.put(line.rstrip("\n"))
+
+    threading.Thread(target=drain, name=f"drain-{name}", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = child.lines.get(timeout=0.1)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        if line.startswith(ready_prefix):
+            child.ready_line = line
+            return child
+    child.stop()
+    raise RuntimeError(f"{name} did not start (exit {proc.poll()}):\n{child.tail()}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` so far, in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of ``pid`` in kB."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out

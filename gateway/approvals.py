@@ -1,0 +1,335 @@
+"""Human approval holds for high-risk calls.
+
+A decision with ``require_approval`` holds the call: nothing reaches the upstream until a
+person with one of the decision's approver roles decides. The approval is bound to the exact
+request (a hash of agent, method, canonical URL and body); it lives in ClickHouse so replicas
+share it and a restart keeps it. If the hold ends first, the agent gets 403
+``approval_pending``; once approved, its retry of the identical request passes exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from gateway.config import ApprovalConfig
+from gateway.errors import Forbidden, GatewayError
+from gateway.killswitch import KillSwitch, from_datetime, to_datetime
+from gateway.models import Call, Identity
+from gateway.registry import AgentRegistry
+from storage.state_schema import APPROVAL_COLUMNS, APPROVALS
+from storage.store import Store
+
+log = logging.getLogger("agentgate.approvals")
+
+_COLUMN_NAMES = tuple(n for n, _ in APPROVAL_COLUMNS)
+_COLUMN_TYPES = tuple(t for _, t in APPROVAL_COLUMNS)
+APPROVAL_HEADER = "X-Agentgate-Approval-Id"
+MAX_ARGUMENTS_CHARS = 4096
+
+PENDING, APPROVED, DENIED, CONSUMED = "pending", "approved", "denied", "consumed"
+
+
+def request_hash(call: Call) -> str:
+    """Binds an approval to the exact request: agent, method, canonical URL and body."""
+    req = call.request
+    ident = call.identity
+    assert ident is not None
+    url = f"{req.scheme}://{call.canonical_host}:{req.port}{call.canonical_path}?{req.query}"
+    doc = json.dumps([ident.agent_id, req.route or "", req.method, url,
+                      hashlib.sha256(req.body).hexdigest()], separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    id: str
+    state: str
+    agent_id: str
+    team: str
+    method: str
+    host: str
+    path: str
+    route: str
+    tool_name: str
+    arguments: str
+    reasons: tuple[str, ...]
+    approvers: tuple[str, ...]
+    request_hash: str
+    call_id: str
+    created_at: float
+    expires_at: float
+    decided_by: str = ""
+    decided_role: str = ""
+    decided_at: float | None = None
+    decision_reason: str = ""
+    consumed_at: float | None = None
+    consumed_by_call: str = ""
+    version: int = 1
+
+    def effective_state(self, now: float | None = None) -> str:
+        """``expired`` when the TTL passed before the approval was used."""
+        if self.state in (PENDING, APPROVED) and (now or time.time()) >= self.expires_at:
+            return "expired"
+        return self.state
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["state"] = self.effective_state()
+        doc["reasons"] = list(self.reasons)
+        doc["approvers"] = list(self.approvers)
+        try:
+            doc["arguments"] = json.loads(self.arguments) if self.arguments else None
+        except ValueError:
+            pass
+        doc.pop("version")
+        return doc
+
+    def row(self) -> tuple[Any, ...]:
+        values = asdict(self)
+        values["reasons"] = list(self.reasons)
+        values["approvers"] = list(self.approvers)
+        for key in ("created_at", "expires_at", "decided_at", "consumed_at"):
+            values[key] = to_datetime(values[key])
+        return tuple(values[n] for n in _COLUMN_NAMES)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Approval":
+        values = dict(row)
+        for key in ("created_at", "expires_at", "decided_at", "consumed_at"):
+            values[key] = from_datetime(values[key])
+        values["reasons"] = tuple(values["reasons"])
+        values["approvers"] = tuple(values["approvers"])
+        values["version"] = int(values["version"])
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class _Waiters:
+    events: list[asyncio.Event] = field(default_factory=list)
+
+
+class ApprovalError(GatewayError):
+    """An approver's action that cannot be done (unknown, already decided, not allowed)."""
+
+
+def _arguments_preview(call: Call, scrub: Any) -> str:
+    """What the approver sees of the request body: parsed JSON when it parses, scrubbed."""
+    body = call.request.body
+    if not body:
+        return ""
+    try:
+        value: Any = json.loads(body)
+    except ValueError:
+        value = body[:MAX_ARGUMENTS_CHARS].decode("utf-8", "replace")
+    text = json.dumps(scrub(value), separators=(",", ":"), ensure_ascii=False)
+    return text if len(text) <= MAX_ARGUMENTS_CHARS else json.dumps(text[:MAX_ARGUMENTS_CHARS] + "…")
+
+
+class Approvals:
+    """Open approvals of this replica, backed by the shared store."""
+
+    def __init__(self, store: Store, cfg: ApprovalConfig, *, registry: AgentRegistry | None,
+                 notify: Any, scrub: Any) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.registry = registry
+        self.notify = notify
+        self.scrub = scrub
+        self._by_id: dict[str, Approval] = {}
+        self._waiters: dict[str, _Waiters] = {}
+        self._lock = asyncio.Lock()
+
+    # -- the pipeline's stage -----------------------------------------------------------------
+    async def hold(self, call: Call) -> None:
+        """Return when the call may go upstream; raise a 403 otherwise."""
+        assert call.identity is not None and call.decision is not None
+        digest = request_hash(call)
+        async with self._lock:
+            usable = self._find(call.identity.agent_id, digest)
+            if usable is not None and usable.state == APPROVED:
+                self._mark(call, usable)
+                await self._consume(usable, call)
+                return
+            approval = usable or await self._create(call, digest)
+        call.approval_id = approval.id
+        decided = await self._wait(approval.id, self.cfg.hold_seconds)
+        async with self._lock:
+            current = self._by_id[approval.id]
+            if current.state == APPROVED and current.effective_state() == APPROVED:
+                self._mark(call, current)
+                await self._consume(current, call)
+                return
+        self._mark(call, current)
+        if current.state == DENIED:
+            raise Forbidden(f"approval {current.id} denied by {current.decided_by}: {current.decision_reason}",
+                            code="approval_denied", outcome="approval_denied",
+                            headers={APPROVAL_HEADER: current.id})
+        if current.state == CONSUMED and decided:
+            # Approved, but a concurrent identical request used the one pass first.
+            log.info("approval %s was used by call %s first", current.id, current.consumed_by_call)
+        raise Forbidden(
+            f"call held for approval {current.id}; no decision within {self.cfg.hold_seconds:g}s. "
+            f"Retry the identical request once it is approved (until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(current.expires_at))})",
+            code="approval_pending", outcome="approval_expired", headers={APPROVAL_HEADER: current.id})
+
+    def _find(self, agent_id: str, digest: str) -> Approval | None:
+        now = time.time()
+        for approval in self._by_id.values():
+            if approval.agent_id == agent_id and approval.request_hash == digest \
+                    and approval.effective_state(now) in (PENDING, APPROVED):
+                return approval
+        return None
+
+    @staticmethod
+    def _mark(call: Call, approval: Approval) -> None:
+        call.approval_id = approval.id
+        call.approver = approval.decided_by
+        call.decided_at_ns = int(approval.decided_at * 1e9) if approval.decided_at else 0
+        if approval.state == APPROVED:
+            call.outcome = "approved"
+
+    async def _create(self, call: Call, digest: str) -> Approval:
+        ident, decision, req = call.identity, call.decision, call.request
+        assert ident is not None and decision is not None
+        now = time.time()
+        approval = Approval(
+            id=f"apr_{uuid.uuid4().hex[:16]}", state=PENDING, agent_id=ident.agent_id, team=ident.team or "",
+            method=req.method, host=call.canonical_host, path=call.canonical_path, route=req.route or "",
+            tool_name=call.tool_name, arguments=_arguments_preview(call, self.scrub),
+            reasons=tuple(decision.reasons), approvers=tuple(decision.approvers), request_hash=digest,
+            call_id=call.call_id, created_at=now, expires_at=now + self.cfg.ttl_seconds)
+        await self._persist(approval)
+        self._by_id[approval.id] = approval
+        log.info("approval %s pending for agent %s: %s %s%s", approval.id, approval.agent_id,
+                 approval.method, approval.host, approval.path)
+        self.notify(approval)
+        return approval
+
+    async def _consume(self, approval: Approval, call: Call) -> None:
+        used = replace(approval, state=CONSUMED, consumed_at=time.time(), consumed_by_call=call.call_id,
+                       version=approval.version + 1)
+        self._by_id[used.id] = used
+        await self._persist(used)
+
+    async def _wait(self, approval_id: str, timeout: float) -> bool:
+        event = asyncio.Event()
+        self._waiters.setdefault(approval_id, _Waiters()).events.append(event)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiters = self._waiters.get(approval_id)
+            if waiters is not None:
+                waiters.events.remove(event)
+                if not waiters.events:
+                    del self._waiters[approval_id]
+
+    # -- approvers -----------------------------------------------------------------------------
+    def list(self, state: str | None = None) -> list[Approval]:
+        now = time.time()
+        items = [a for a in self._by_id.values() if state is None or a.effective_state(now) == state]
+        return sorted(items, key=lambda a: a.created_at)
+
+    def get(self, approval_id: str) -> Approval | None:
+        return self._by_id.get(approval_id)
+
+    async def decide(self, approval_id: str, *, approve: bool, reason: str, actor: Identity,
+                     approver_teams: list[str] | None) -> Approval:
+        async with self._lock:
+            approval = self._by_id.get(approval_id)
+            if approval is None:
+                raise ApprovalError(f"no approval {approval_id}", code="not_found", status=404)
+            state = approval.effective_state()
+            if state != PENDING:
+                raise ApprovalError(f"approval {approval_id} is already {state}; a decision is final",
+                                    code="already_decided", status=409)
+            role = self._approver_role(approval, actor)
+            if approver_teams is not None and approval.team not in approver_teams:
+                raise ApprovalError(f"you may approve only for the teams {', '.join(approver_teams) or '(none)'}",
+                                    code="team_not_allowed", status=403)
+            if approve and not self.cfg.allow_self_approval and self._owns(actor, approval.agent_id):
+                raise ApprovalError(f"{actor.agent_id} owns agent {approval.agent_id} and may not approve its calls",
+                                    code="self_approval", status=403)
+            decided = replace(approval, state=APPROVED if approve else DENIED, decided_by=actor.agent_id,
+                              decided_role=role, decided_at=time.time(), decision_reason=reason,
+                              version=approval.version + 1)
+            await self._persist(decided)
+            self._apply_one(decided)
+            return decided
+
+    def _approver_role(self, approval: Approval, actor: Identity) -> str:
+        if "admin" in actor.roles:
+            return "admin"
+        allowed = [r for r in actor.roles if r in approval.approvers]
+        if not allowed:
+            raise ApprovalError(f"approval {approval.id} needs one of the roles "
+                                f"{', '.join(approval.approvers) or '(none named by the policy)'}",
+                                code="forbidden_role", status=403)
+        return allowed[0]
+
+    def _owns(self, actor: Identity, agent_id: str) -> bool:
+        record = self.registry.get(agent_id) if self.registry else None
+        if record is None or not record.owner:
+            return False
+        ids = {actor.agent_id, str(actor.claims.get("email", ""))}
+        return record.owner in ids
+
+    async def deny_for_killswitch(self, switch: KillSwitch) -> None:
+        """A killed agent's held approvals end as denied."""
+        async with self._lock:
+            for approval in list(self._by_id.values()):
+                if approval.effective_state() != PENDING:
+                    continue
+                ident = Identity(agent_id=approval.agent_id, team=approval.team or None)
+                if not switch.matches(ident):
+                    continue
+                denied = replace(approval, state=DENIED, decided_by=f"killswitch:{switch.id}",
+                                 decided_role="operator", decided_at=time.time(),
+                                 decision_reason=f"agent suspended: {switch.reason}", version=approval.version + 1)
+                await self._persist(denied)
+                self._apply_one(denied)
+
+    # -- replication ---------------------------------------------------------------------------
+    def apply(self, approvals: list[Approval]) -> None:
+        for approval in approvals:
+            self._apply_one(approval)
+
+    def _apply_one(self, approval: Approval) -> None:
+        known = self._by_id.get(approval.id)
+        if known is not None and known.version >= approval.version:
+            return
+        self._by_id[approval.id] = approval
+        if approval.state != PENDING:
+            for event in self._waiters.get(approval.id, _Waiters()).events:
+                event.set()
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        horizon = time.time() - 60
+        for key in [k for k, a in self._by_id.items() if a.expires_at < horizon]:
+            del self._by_id[key]
+
+    async def _persist(self, approval: Approval) -> None:
+        db = self.store.database
+        await self.store.run(lambda c: c.insert(APPROVALS, [approval.row()], database=db,
+                                                column_names=_COLUMN_NAMES, column_type_names=_COLUMN_TYPES))
+
+    async def refresh(self) -> None:
+        """Load approvals that can still matter (not yet expired) from the store."""
+        db = self.store.database
+
+        def fetch(client: Any) -> list[dict[str, Any]]:
+            res = client.query(f"SELECT {', '.join(_COLUMN_NAMES)} FROM {db}.{APPROVALS} FINAL "
+                               "WHERE expires_at > now64(6) - INTERVAL 60 SECOND")
+            return [dict(zip(_COLUMN_NAMES, r)) for r in res.result_rows]
+
+        self.apply([Approval.from_row(r) for r in await self.store.run(fetch)])

@@ -1,0 +1,175 @@
+"""Kill-switches: stop one agent, a team, or every agent, at once and on every replica.
+
+The switches live in ClickHouse (``agentgate.killswitches``) so they survive restarts and are
+shared by replicas; each replica keeps the active ones in memory for an O(1) check per request
+and learns of switches flipped elsewhere from :class:`gateway.state_sync.StateSync`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from gateway.models import Identity
+from storage.state_schema import KILLSWITCH_COLUMNS, KILLSWITCHES
+from storage.store import Store
+
+log = logging.getLogger("agentgate.killswitch")
+
+Scope = Literal["agent", "team", "all"]
+SCOPES: tuple[str, ...] = ("agent", "team", "all")
+_COLUMN_NAMES = tuple(n for n, _ in KILLSWITCH_COLUMNS)
+_COLUMN_TYPES = tuple(t for _, t in KILLSWITCH_COLUMNS)
+
+
+def to_datetime(ts: float | None) -> dt.datetime | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+
+
+def from_datetime(value: Any) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class KillSwitch:
+    id: str
+    scope: str
+    target: str
+    reason: str
+    created_by: str
+    created_at: float
+    revoked_by: str = ""
+    revoked_at: float | None = None
+    version: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def matches(self, identity: Identity) -> bool:
+        if self.scope == "all":
+            return True
+        if self.scope == "agent":
+            return identity.agent_id == self.target
+        return identity.team is not None and identity.team == self.target
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "scope": self.scope, "target": self.target, "reason": self.reason,
+                "created_by": self.created_by, "created_at": self.created_at,
+                "revoked_by": self.revoked_by or None, "revoked_at": self.revoked_at, "active": self.active}
+
+    def row(self) -> tuple[Any, ...]:
+        return (self.id, self.scope, self.target, self.reason, self.created_by,
+                to_datetime(self.created_at), self.revoked_by, to_datetime(self.revoked_at), self.version)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "KillSwitch":
+        return cls(id=row["id"], scope=row["scope"], target=row["target"], reason=row["reason"],
+                   created_by=row["created_by"], created_at=from_datetime(row["created_at"]) or 0.0,
+                   revoked_by=row["revoked_by"], revoked_at=from_datetime(row["revoked_at"]),
+                   version=int(row["version"]))
+
+
+class KillSwitches:
+    """The active kill-switches of this replica, backed by the shared store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._all: dict[str, KillSwitch] = {}
+        self._global: dict[str, KillSwitch] = {}
+        self._by_agent: dict[str, dict[str, KillSwitch]] = {}
+        self._by_team: dict[str, dict[str, KillSwitch]] = {}
+        self.on_kill: list[Callable[[KillSwitch], None]] = []
+        """Called once per switch newly seen active (locally or from another replica)."""
+
+    # -- the per-request check ------------------------------------------------------------
+    def match(self, identity: Identity) -> KillSwitch | None:
+        for switch in self._global.values():
+            return switch
+        if (agent := self._by_agent.get(identity.agent_id)):
+            return next(iter(agent.values()))
+        if identity.team is not None and (team := self._by_team.get(identity.team)):
+            return next(iter(team.values()))
+        return None
+
+    def active(self) -> list[KillSwitch]:
+        return sorted((s for s in self._all.values() if s.active), key=lambda s: s.created_at)
+
+    def all(self) -> list[KillSwitch]:
+        return sorted(self._all.values(), key=lambda s: s.created_at)
+
+    def get(self, switch_id: str) -> KillSwitch | None:
+        return self._all.get(switch_id)
+
+    # -- changes ----------------------------------------------------------------------------
+    async def create(self, scope: str, target: str, reason: str, actor: str) -> KillSwitch:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+        if scope == "all":
+            target = "*"
+        elif not target:
+            raise ValueError(f"a {scope} kill-switch needs a target")
+        switch = KillSwitch(id=f"ks_{uuid.uuid4().hex[:16]}", scope=scope, target=target, reason=reason,
+                            created_by=actor, created_at=time.time())
+        await self._persist(switch)
+        self.apply([switch])
+        return switch
+
+    async def revoke(self, switch: KillSwitch, actor: str) -> KillSwitch:
+        revoked = replace(switch, revoked_by=actor, revoked_at=time.time(), version=switch.version + 1)
+        await self._persist(revoked)
+        self.apply([revoked])
+        return revoked
+
+    async def _persist(self, switch: KillSwitch) -> None:
+        db = self.store.database
+        await self.store.run(lambda c: c.insert(KILLSWITCHES, [switch.row()], database=db,
+                                                column_names=_COLUMN_NAMES, column_type_names=_COLUMN_TYPES))
+
+    def apply(self, switches: list[KillSwitch]) -> None:
+        """Merge switches (newer versions win) and fire ``on_kill`` for newly active ones."""
+        for switch in switches:
+            known = self._all.get(switch.id)
+            if known is not None and known.version >= switch.version:
+                continue
+            self._all[switch.id] = switch
+            index = self._index(switch)
+            if switch.active:
+                index[switch.id] = switch
+                if known is None or not known.active:
+                    log.warning("kill-switch %s on %s %s: %s", switch.id, switch.scope, switch.target, switch.reason)
+                    for callback in self.on_kill:
+                        callback(switch)
+            else:
+                index.pop(switch.id, None)
+                self._prune()
+
+    def _index(self, switch: KillSwitch) -> dict[str, KillSwitch]:
+        if switch.scope == "all":
+            return self._global
+        book = self._by_agent if switch.scope == "agent" else self._by_team
+        return book.setdefault(switch.target, {})
+
+    def _prune(self) -> None:
+        for book in (self._by_agent, self._by_team):
+            for key in [k for k, v in book.items() if not v]:
+                del book[key]
+
+    # -- loading ----------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        db = self.store.database
+
+        def fetch(client: Any) -> list[dict[str, Any]]:
+            res = client.query(f"SELECT {', '.join(_COLUMN_NAMES)} FROM {db}.{KILLSWITCHES} FINAL")
+            return [dict(zip(_COLUMN_NAMES, r)) for r in res.result_rows]
+
+        self.apply([KillSwitch.from_row(r) for r in await self.store.run(fetch)])

@@ -1,0 +1,195 @@
+"""Kill-switches through a real gateway: agent, team and global scopes, open streams cut, held
+approvals denied, persistence across restarts, revive, and the CLI."""
+
+from __future__ import annotations
+
+from http.client import HTTPConnection, IncompleteRead
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Gateway, Keys, Upstream, http, wait_until
+
+CALL_ID = "x-agentgate-call-id"
+
+
+def admin(gw: Gateway, method: str, path: str, token: str, body: dict | None = None):
+    return http(method, f"http://{gw.admin}{path}", headers={"Authorization": f"Bearer {token}",
+                                                             "Content-Type": "application/json"},
+                body=json.dumps(body).encode() if body is not None else None)
+
+
+@pytest.fixture(scope="module")
+def operator(keys: Keys) -> str:
+    return keys.token("oncall-olga", roles=["operator"], team=None)
+
+
+@pytest.fixture(scope="module")
+def gw(gateway_factory, upstream: Upstream) -> Gateway:
+    return gateway_factory({"routes": {"plain": {"upstream": upstream.url}}}, name="kill")
+
+
+def get(gw: Gateway, keys: Keys, agent: str, team: str = "support", path: str = "/x"):
+    return http("GET", gw.route_url("plain", path), headers={"Authorization": f"Bearer {keys.token(agent, team=team)}"})
+
+
+def kill(gw: Gateway, token: str, scope: str, target: str = "", reason: str = "incident 42") -> dict:
+    resp = admin(gw, "POST", "/v1/killswitches", token, {"scope": scope, "target": target, "reason": reason})
+    assert resp.status == 201, resp.body
+    return resp.json()
+
+
+def revive(gw: Gateway, token: str, switch_id: str) -> None:
+    assert admin(gw, "DELETE", f"/v1/killswitches/{switch_id}", token).status == 200
+
+
+def test_kill_agent_refuses_next_call_and_spares_others(gw: Gateway, keys: Keys, operator: str) -> None:
+    assert get(gw, keys, "rogue-bot").status == 200
+    switch = kill(gw, operator, "agent", "rogue-bot", "exfiltration suspected")
+    refused = get(gw, keys, "rogue-bot")
+    assert refused.status == 403
+    err = refused.json()["error"]
+    assert err["code"] == "agent_suspended" and "exfiltration suspected" in err["message"]
+    row = gw.audit_row(refused.headers[CALL_ID])
+    assert (row["outcome"], row["killswitch_id"], row["agent_id"]) == ("killed", switch["id"], "rogue-bot")
+    assert get(gw, keys, "good-bot").status == 200
+    listed = admin(gw, "GET", "/v1/killswitches", operator).json()["killswitches"]
+    assert [s["id"] for s in listed] == [switch["id"]]
+    events = gw.sql("SELECT actor, action, reason FROM agentgate.admin_events WHERE action = 'killswitch.create'")
+    assert {"actor": "oncall-olga", "action": "killswitch.create", "reason": "exfiltration suspected"} in events
+    revive(gw, operator, switch["id"])
+    assert get(gw, keys, "rogue-bot").status == 200
+    assert admin(gw, "DELETE", f"/v1/killswitches/{switch['id']}", operator).status == 409
+
+
+def test_team_and_global_scopes(gw: Gateway, keys: Keys, operator: str) -> None:
+    team = kill(gw, operator, "team", "sales")
+    assert get(gw, keys, "s1", team="sales").status == 403
+    assert get(gw, keys, "s2", team="support").status == 200
+    everyone = kill(gw, operator, "all")
+    assert get(gw, keys, "s2", team="support").status == 403
+    revive(gw, operator, everyone["id"])
+    assert get(gw, keys, "s2", team="support").status == 200
+    assert get(gw, keys, "s1", team="sales").status == 403
+    revive(gw, operator, team["id"])
+    assert get(gw, keys, "s1", team="sales").status == 200
+
+
+def test_kill_requires_operator_and_valid_input(gw: Gateway, keys: Keys, operator: str) -> None:
+    responder = keys.token("r", roles=["responder"])
+    resp = admin(gw, "POST", "/v1/killswitches", responder, {"scope": "all", "reason": "x"})
+    assert resp.status == 403 and resp.json()["error"]["code"] == "forbidden_role"
+    for body in ({"scope": "planet", "reason": "x"}, {"scope": "agent", "reason": "x"}, {"scope": "team", "target": "t"}):
+        bad = admin(gw, "POST", "/v1/killswitches", operator, body)
+        assert bad.status == 400 and bad.json()["error"]["code"] == "bad_request", body
+    rows = gw.sql("SELECT actor, result FROM agentgate.admin_events WHERE action = 'killswitch.create' "
+                  "AND result = 'forbidden'")
+    assert rows and rows[-1]["actor"] == "r"
+
+
+def _read_stream(conn: HTTPConnection, method: str, url: str, headers: dict[str, str]) -> tuple[int, list[str]]:
+    conn.request(method, url, headers=headers)
+    resp = conn.getresponse()
+    events: list[str] = []
+    try:
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if line.startswith(b"data:"):
+                events.append(line.decode().strip())
+    except (IncompleteRead, ConnectionError, OSError):
+        pass
+    return resp.status, events
+
+
+@pytest.mark.parametrize("mode", ["route", "forward"])
+def test_kill_cuts_open_stream(gw: Gateway, keys: Keys, operator: str, upstream: Upstream, mode: str) -> None:
+    agent = f"streamer-{mode}"
+    token = keys.token(agent)
+    if mode == "route":
+        host, port = gw.routes.split(":")
+        conn = HTTPConnection(host, int(port), timeout=30)
+        args = ("GET", "/r/plain/sse-slow", {"Authorization": f"Bearer {token}"})
+    else:
+        host, port = gw.proxy.split(":")
+        conn = HTTPConnection(host, int(port), timeout=30)
+        args = ("GET", f"{upstream.url}/sse-slow", {"Proxy-Authorization": f"Bearer {token}"})
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(_read_stream, conn, *args)
+        wait_until(lambda: any(s.path.endswith("/sse-slow") and s.headers.get("host") for s in upstream.seen[-5:])
+                   and len(gw.sql(f"SELECT 1 FROM agentgate.calls WHERE agent_id = '{agent}'")) == 0,
+                   what="the stream to open")
+        # A concurrent agent's call is untouched.
+        other = pool.submit(get, gw, keys, f"bystander-{mode}")
+        switch = kill(gw, operator, "agent", agent)
+        started = time.monotonic()
+        status, events = reading.result(timeout=30)
+        elapsed = time.monotonic() - started
+    conn.close()
+    assert status == 200
+    assert 0 < len(events) < 200, "the stream must end early, not run to completion"
+    assert elapsed < 5, f"stream cut took {elapsed:.1f}s"
+    assert other.result().status == 200
+    wait_until(lambda: len(gw.sql(f"SELECT 1 FROM agentgate.calls WHERE agent_id = '{agent}'")) == 1,
+               what="the cut stream's audit row")
+    (row,) = gw.sql(f"SELECT outcome, killswitch_id, error_code FROM agentgate.calls WHERE agent_id = '{agent}'")
+    assert row == {"outcome": "killed", "killswitch_id": switch["id"], "error_code": "agent_suspended"}
+    revive(gw, operator, switch["id"])
+
+
+def test_kill_denies_held_approvals(gw: Gateway, keys: Keys, operator: str, upstream: Upstream) -> None:
+    lead = keys.token("lead", roles=["approver", "support-lead"])
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(lambda: http("POST", gw.route_url("plain", "/refunds"), body=b'{"n": 1}',
+                                        headers={"Authorization": f"Bearer {keys.token('held-bot', roles=['writer'])}",
+                                                 "Content-Type": "application/json"}))
+        wait_until(lambda: any(a["agent_id"] == "held-bot" for a in
+                               admin(gw, "GET", "/v1/approvals?state=pending", lead).json()["approvals"]),
+                   what="the held approval")
+        switch = kill(gw, operator, "agent", "held-bot", "runaway refunds")
+        resp = held.result(timeout=30)
+    assert resp.status == 403
+    assert resp.json()["error"]["code"] == "approval_denied"
+    assert "runaway refunds" in resp.json()["error"]["message"]
+    denied = admin(gw, "GET", "/v1/approvals?state=denied", lead).json()["approvals"]
+    assert any(a["agent_id"] == "held-bot" and a["decided_by"] == f"killswitch:{switch['id']}" for a in denied)
+    revive(gw, operator, switch["id"])
+
+
+def test_killswitch_survives_restart_and_cli(gateway_factory, keys: Keys, operator: str, upstream: Upstream,
+                                            tmp_path: Path) -> None:
+    overrides = {"data_dir": str(tmp_path / "data"), "routes": {"plain": {"upstream": upstream.url}}}
+    gw = gateway_factory(overrides, name="kill-restart-a")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("AGENTGATE_")},
+               "AGENTGATE_TOKEN": operator}
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "--config", str(gw.config),
+                               "--admin-url", f"http://{gw.admin}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    out = cli("kill", "agent", "persist-bot", "--reason", "drill")
+    assert out.returncode == 0, out.stderr
+    assert "persist-bot" in out.stdout
+    assert cli("kill", "team", "ops").returncode == 0
+    assert get(gw, keys, "persist-bot").status == 403
+    gw.stop()
+    gw2 = gateway_factory(overrides, name="kill-restart-b")
+    assert get(gw2, keys, "persist-bot").status == 403
+    assert get(gw2, keys, "ops-bot", team="ops").status == 403
+    gw.admin = gw2.admin  # the CLI helper talks to the running replica
+    listed = cli("killswitches")
+    assert "persist-bot" in listed.stdout and "ops" in listed.stdout
+    assert cli("revive", "agent", "persist-bot").returncode == 0
+    assert cli("revive", "team", "ops").returncode == 0
+    assert get(gw2, keys, "persist-bot").status == 200
+    assert get(gw2, keys, "ops-bot", team="ops").status == 200
+    missing = cli("revive", "agent", "nobody")
+    assert missing.returncode != 0 and "no active kill-switch" in missing.stderr
