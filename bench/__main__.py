@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 
-from bench import options, runner
+from bench import options, report, runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = options.parse(argv)
+    result = asyncio.run(runner.run(opts))
+    result["targets"] = [] if opts.leak_only else report.evaluate_targets(result)
+    result["problems"] = report.problems(result, opts.only, opts.leak, opts.leak_only)
+    js, md = report.write(result, opts.out)
+    text = report.markdown(result)
+    print(text)
+    print(f"bench: wrote {js} and {md}")
+    if result["problems"]:
+        print(f"bench: {len(result['problems'])} problem(s): some configurations produced no numbers",
+              file=sys.stderr)
+        return 1
+    return 0  # targets are reported, never a failure
+
 
 if __name__ == "__main__":
-    opts = options.parse()
-    report = asyncio.run(runner.run(opts))
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "latest.json").write_text(json.dumps(report, indent=2, default=str))
-    print(json.dumps(report["results"], indent=1)[:3000])
-    sys.exit(0)
+    sys.exit(main())

@@ -115,10 +115,6 @@ class GatewayProcess:
         doc = json.loads(body)
         return [dict(zip(doc["columns"], row)) for row in doc["rows"]]
 
-    async def metrics(self, session: aiohttp.ClientSession) -> str:
-        async with session.get(f"http://{self.admin}/metrics") as resp:
-            return await resp.text()
-
     def stop(self) -> None:
         self.child.stop()
 
@@ -135,29 +131,3 @@ def start_gateway(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca:
     return GatewayProcess(child=child, data_dir=Path(doc["data_dir"]), proxy=parts["proxy"],
                           routes=parts["routes"], admin=parts["admin"],
                           admin_token=keys.token("bench-responder", ["responder"]))
-
-
-def decision_buckets(metrics_text: str) -> dict[float, float]:
-    """Cumulative ``agentgate_decision_seconds`` bucket counts by upper bound (all engines)."""
-    out: dict[float, float] = {}
-    for line in metrics_text.splitlines():
-        if not line.startswith("agentgate_decision_seconds_bucket{"):
-            continue
-        labels, _, value = line.rpartition(" ")
-        le = labels.split('le="', 1)[1].split('"', 1)[0]
-        bound = float("inf") if le == "+Inf" else float(le)
-        out[bound] = out.get(bound, 0.0) + float(value)
-    return out
-
-
-def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
-    """Upper bucket bound (seconds) holding quantile ``q`` of the observations between two scrapes."""
-    bounds = sorted(after)
-    delta = [after[b] - before.get(b, 0.0) for b in bounds]
-    total = delta[-1] if delta else 0.0
-    if total <= 0:
-        return None
-    for bound, cumulative in zip(bounds, delta):
-        if cumulative >= q * total:
-            return bound
-    return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
 import platform
 import subprocess
 from importlib import metadata
@@ -49,12 +48,20 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def loadavg() -> str:
+    """1, 5 and 15 minute load averages: other work on the machine skews every number."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def describe(opts: Options, pinning: procs.Pinning, use_wrk: bool) -> dict[str, Any]:
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()}
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
-        "cpus": len(os.sched_getaffinity(0)),
+        "cpus": pinning.available,
         "cpu_model": _cpu_model(),
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in ("mitmproxy", "aiohttp", "regopy", "chdb", "pyjwt")},

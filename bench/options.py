@@ -35,12 +35,12 @@ class Options:
     def apply_smoke(self) -> None:
         """A few hundred requests per configuration: proves every configuration runs."""
         self.duration = min(self.duration, 5.0)
-        self.requests = min(self.requests, 300)
-        self.warmup_requests = min(self.warmup_requests, 64)
+        self.requests = min(self.requests, 200)
+        self.warmup_requests = min(self.warmup_requests, 32)
         self.lag_seconds = min(self.lag_seconds, 0.5)
         self.lag_samples_per_second = max(self.lag_samples_per_second, 6.0)
         self.leak = True
-        self.leak_requests = min(self.leak_requests, 2_000)
+        self.leak_requests = min(self.leak_requests, 1_000)
         self.leak_seconds = min(self.leak_seconds, 10.0)
 
 

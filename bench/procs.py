@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -22,18 +25,32 @@ class Pinning:
     proxy: set[int] | None
     load: set[int] | None
     note: str
+    available: int = 0
 
     @classmethod
     def plan(cls, enabled: bool = True) -> "Pinning":
         cpus = sorted(os.sched_getaffinity(0))
         if not enabled:
-            return cls(None, None, f"no pinning (--no-pin); {len(cpus)} CPU(s) available")
+            return cls(None, None, f"no pinning (--no-pin); {len(cpus)} CPU(s) available", len(cpus))
         if len(cpus) < 2:
-            return cls(None, None, f"no pinning: only {len(cpus)} CPU available")
+            return cls(None, None, f"no pinning: only {len(cpus)} CPU available", len(cpus))
         proxy, load = {cpus[0]}, set(cpus[1:])
         return cls(proxy, load, f"gateway / mitmproxy pinned to CPU {cpus[0]}; upstream, load generator "
                                 f"and bench driver pinned to CPU(s) {','.join(map(str, sorted(load)))} "
-                                f"(sched_setaffinity)")
+                                f"(sched_setaffinity)", len(cpus))
+
+
+def child_setup(cpus: set[int] | None) -> Callable[[], None]:
+    """preexec_fn for children: pin to ``cpus`` and die with the bench (PR_SET_PDEATHSIG), so a
+    killed bench leaves no gateway, upstream or generator behind."""
+    def setup() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
 
 
 def pin_self(cpus: set[int] | None) -> None:
@@ -81,7 +98,7 @@ def start(name: str, argv: Sequence[str], *, ready_prefix: str, log: Path, cpus:
     err = open(log, "w")
     proc = subprocess.Popen(
         list(argv), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=err, text=True,
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        preexec_fn=child_setup(cpus))
     err.close()
     child = Child(name, proc, "", log)
 

@@ -95,6 +95,7 @@ class Run:
         procs.pin_self(self.pinning.load)
         use_wrk = self.use_wrk()
         self.report["meta"] = meta.describe(opts, self.pinning, use_wrk)
+        self.report["meta"]["loadavg_start"] = meta.loadavg()
         started = time.monotonic()
         self.upstream = Upstream(procs.start(
             "upstream", [sys.executable, "-m", "bench.upstream", "--cert-dir", str(self.workdir)],
@@ -125,6 +126,7 @@ class Run:
             if not opts.keep:
                 shutil.rmtree(self.workdir, ignore_errors=True)
         self.report["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+        self.report["meta"]["loadavg_end"] = meta.loadavg()
         return self.report
 
     async def _guard(self, what: str, step: Callable[[], Awaitable[None]]) -> None:

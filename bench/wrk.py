@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+from bench import procs
 from bench.stats import LoadResult
 
 LUA = r"""
@@ -79,7 +80,7 @@ async def run_wrk(base_url: str, *, method: str, path: str, headers: dict[str, s
     proc = await asyncio.create_subprocess_exec(
         exe, "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
         "-s", str(script), base_url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        preexec_fn=procs.child_setup(cpus))
     try:
         out, err = await asyncio.wait_for(proc.communicate(), seconds + 30)
     except asyncio.TimeoutError:

@@ -195,6 +195,7 @@ def scan_statement(raw: bytes) -> Statement:
     st = Statement()
     i, n, depth = 0, len(s), 0
     semicolon: int | None = None
+    inline_data = False
     last_end = 0
     while i < n:
         ch = s[i]
@@ -222,8 +223,10 @@ def scan_statement(raw: bytes) -> Statement:
                 st.first = word
             if depth == 0 and word == "TEMPORARY":
                 st.temporary = True
+            if depth == 0 and st.first == "INSERT" and word in ("SELECT", "WITH", "VALUES"):
+                inline_data = True  # INSERT ... SELECT/VALUES: chDB runs the whole text
             i = m.end()
-            if depth == 0 and word == "FORMAT":
+            if depth == 0 and word == "FORMAT" and not inline_data:
                 j = i
                 while j < n and s[j] in " \t\r\n\f":
                     j += 1
@@ -674,10 +677,10 @@ class Handler(BaseHTTPRequestHandler):
 
 def _exit_when_stdin_closes(server: FixtureHTTPServer) -> None:
     """Stop when the parent (which holds our stdin pipe) goes away."""
-    try:
-        while sys.stdin.buffer.read(4096):
+    try:  # os.read, not sys.stdin: a buffered reader's lock breaks interpreter shutdown
+        while os.read(0, 4096):
             pass
-    except (OSError, ValueError):
+    except OSError:
         pass
     threading.Thread(target=server.shutdown, daemon=True).start()
 
@@ -735,6 +738,8 @@ class ClickHouseFixture:
         self.start_timeout = start_timeout
         self.log_path = log_path or self.data_dir.with_name(self.data_dir.name + ".fixture.log")
         self.port_changed = False
+        self.returncode: int | None = None
+        """Exit status of the last process stopped or killed (0 = clean shutdown)."""
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -801,6 +806,7 @@ class ClickHouseFixture:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.returncode = proc.returncode
         _close_pipes(proc)
 
     def kill(self) -> None:
@@ -810,7 +816,7 @@ class ClickHouseFixture:
             return
         if proc.poll() is None:
             proc.kill()
-        proc.wait()
+        self.returncode = proc.wait()
         _close_pipes(proc)
 
     def restart(self) -> str:

@@ -62,9 +62,18 @@ def test_bundle_has_rego_tests() -> None:
 
 
 def test_every_rego_test_passes() -> None:
+    """Each package is queried once (``data.<package>``: one compile instead of one per rule);
+    a test passes only if its rule is in that document with the value ``true``."""
     rego = interpreter()
-    failed = {query: str(rego.query(query)) for query in rego_tests()}
-    failed = {q: out for q, out in failed.items() if out != PASS}
+    by_package: dict[str, list[str]] = {}
+    for query in rego_tests():
+        package, _, rule = query.removeprefix("data.").rpartition(".")
+        by_package.setdefault(package, []).append(rule)
+    failed = []
+    for package, rules in by_package.items():
+        document = json.loads(str(rego.query(f"data.{package}")))["expressions"][0]
+        failed += [f"data.{package}.{rule} = {document.get(rule, 'undefined')}"
+                   for rule in rules if document.get(rule) is not True]
     assert not failed, failed
 
 

@@ -32,7 +32,7 @@ test_route_mode_attributes_by_route if {
 	d.reasons == ["role sales may GET salesforce"]
 }
 
-# In forward mode a route name cannot smuggle a request to another host.
+# In forward mode the destination host decides.
 test_forward_mode_attributes_by_host if {
 	d := forward(sales_bot, request("GET", "acme.zendesk.com", "/api/v2/tickets.json"))
 	d.allow == false

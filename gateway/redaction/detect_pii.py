@@ -1,0 +1,206 @@
+"""Personal-data detectors. Each finder returns ``[(start, end, canonical)]`` for one string.
+
+Candidates are found by precompiled patterns and then validated (phonenumbers, Luhn + card
+prefix table, IBAN mod-97, SSN area rules), with cheap pre-checks before the expensive parts.
+``canonical`` is what a pseudonym is computed from (so ``(415) 555-2671`` and ``+14155552671``
+get the same pseudonym); it is never reported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Callable
+
+import phonenumbers
+from phonenumbers import Leniency, PhoneNumberFormat, PhoneNumberMatcher
+from stdnum import iban as _iban
+from stdnum import luhn as _luhn
+from stdnum.us import ssn as _ssn
+
+Span = tuple[int, int, str]
+Finder = Callable[[str], list[Span]]
+
+# --- email -----------------------------------------------------------------------------------
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]{1,64}"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![A-Za-z0-9\-])"
+)
+# ``logo@2x.png`` is an asset name, not an address.
+_FILE_TLDS = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp", "css", "js", "map"})
+
+
+def find_email(s: str) -> list[Span]:
+    if "@" not in s:
+        return []
+    out = []
+    for m in _EMAIL.finditer(s):
+        text = m.group()
+        if text.rsplit(".", 1)[1].lower() in _FILE_TLDS:
+            continue
+        out.append((m.start(), m.end(), text.lower()))
+    return out
+
+
+# --- phone -----------------------------------------------------------------------------------
+# A run of >= 7 digits with phone-style separators. Dates (2024-01-15) and dotted quads are
+# removed from a run first, so ISO timestamps and IPs (common in API bodies) never reach the
+# (slow) matcher.
+_DIGIT_RUN = re.compile(r"\d[\d\s().\-/]{5,}\d")
+# Removed from a run before counting: dates and dotted quads (IPs, versions).
+_NOT_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,3}(?:\.\d{1,3}){3,}")
+_NON_DIGIT = re.compile(r"\D+")
+
+
+def _phone_candidate(s: str) -> bool:
+    for m in _DIGIT_RUN.finditer(s):
+        run = m.group()
+        if "-" in run or "/" in run or "." in run:
+            run = _NOT_PHONE.sub(" ", run)
+        if len(_NON_DIGIT.sub("", run)) >= 7:
+            return True
+    return False
+
+
+class PhoneFinder:
+    """libphonenumber's matcher at leniency VALID, with a default region."""
+
+    def __init__(self, region: str = "US") -> None:
+        self.region = region
+
+    def __call__(self, s: str) -> list[Span]:
+        if len(s) < 7 or not _phone_candidate(s):
+            return []
+        out = []
+        for m in PhoneNumberMatcher(s, self.region, leniency=Leniency.VALID):
+            start = m.start
+            # ``ORD-4155552671`` is an identifier with a number in it, not a phone.
+            if start >= 2 and s[start - 1] in "-_" and s[start - 2].isalnum():
+                continue
+            out.append((start, m.end, phonenumbers.format_number(m.number, PhoneNumberFormat.E164)))
+        return out
+
+
+# --- US SSN ----------------------------------------------------------------------------------
+# Only the written forms 123-45-6789 / 123 45 6789: a bare 9-digit number is any other ID.
+_SSN = re.compile(r"(?<![\d\-])(\d{3})([\- ])(\d{2})\2(\d{4})(?![\d\-])")
+
+
+def find_us_ssn(s: str) -> list[Span]:
+    if len(s) < 11:
+        return []
+    out = []
+    for m in _SSN.finditer(s):
+        compact = m.group(1) + m.group(3) + m.group(4)
+        if _ssn.is_valid(compact):
+            out.append((m.start(), m.end(), compact))
+    return out
+
+
+# --- payment cards ---------------------------------------------------------------------------
+_CARD = re.compile(r"(?<!\d)\d(?:[ \-]?\d){12,}(?!\d)")
+_GROUP = re.compile(r"\d+")
+
+
+def card_number_ok(d: str) -> bool:
+    """Known issuer prefix and length (so epoch-ms timestamps are not cards), then Luhn."""
+    n = len(d)
+    if n < 13 or n > 19:
+        return False
+    p2, p3, p4 = int(d[:2]), int(d[:3]), int(d[:4])
+    if d[0] == "4":
+        ok = n in (13, 16, 19)  # Visa
+    elif 51 <= p2 <= 55 or 2221 <= p4 <= 2720:
+        ok = n == 16  # Mastercard
+    elif p2 in (34, 37):
+        ok = n == 15  # Amex
+    elif 2200 <= p4 <= 2204:
+        ok = n >= 16  # Mir
+    elif p2 in (36, 38, 39) or 300 <= p3 <= 305 or p4 == 3095:
+        ok = n >= 14  # Diners
+    elif 3528 <= p4 <= 3589:
+        ok = n >= 16  # JCB
+    elif d[0] == "6" or p2 in (50, 56, 57, 58):
+        ok = True  # Discover, UnionPay, Maestro, RuPay
+    else:
+        ok = False
+    return ok and _luhn.is_valid(d)
+
+
+def find_payment_card(s: str) -> list[Span]:
+    if len(s) < 13:
+        return []
+    out: list[Span] = []
+    for m in _CARD.finditer(s):
+        text = m.group()
+        digits = _NON_DIGIT.sub("", text)
+        if len(digits) <= 19:
+            if card_number_ok(digits):
+                out.append((m.start(), m.end(), digits))
+            continue
+        # Longer run (a card followed by an expiry year, two cards...): try digit groups.
+        groups = [(g.start(), g.end()) for g in _GROUP.finditer(text)]
+        i = 0
+        while i < len(groups):
+            found = False
+            total = 0
+            j = i
+            while j < len(groups) and total + (groups[j][1] - groups[j][0]) <= 19:
+                total += groups[j][1] - groups[j][0]
+                j += 1
+            for k in range(j - 1, i - 1, -1):
+                cand = _NON_DIGIT.sub("", text[groups[i][0]:groups[k][1]])
+                if card_number_ok(cand):
+                    out.append((m.start() + groups[i][0], m.start() + groups[k][1], cand))
+                    i = k + 1
+                    found = True
+                    break
+            if not found:
+                i += 1
+    return out
+
+
+# --- IBAN ------------------------------------------------------------------------------------
+_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
+
+
+def find_iban(s: str) -> list[Span]:
+    if len(s) < 15:
+        return []
+    out = []
+    for m in _IBAN.finditer(s):
+        text = m.group()
+        # Cut only at the end or before a space, longest first ("DE89 ... 00 AND" -> "DE89 ... 00").
+        for end in range(len(text), 14, -1):
+            if end < len(text) and text[end] != " ":
+                continue
+            compact = text[:end].replace(" ", "")
+            if len(compact) >= 15 and _iban.is_valid(compact):
+                out.append((m.start(), m.start() + end, compact))
+                break
+    return out
+
+
+# --- IP addresses ----------------------------------------------------------------------------
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+# Not part of a longer dotted sequence: ``1.2.3.4.5`` and ``v1.2.3.4`` are versions, not IPs.
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+# Possessive quantifiers keep this linear on long hex/colon runs.
+_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f.]*+:[0-9A-Fa-f:.]*+(?:%[0-9A-Za-z_.\-]+)?(?![\w:])")
+
+
+def find_ip_address(s: str) -> list[Span]:
+    out: list[Span] = []
+    if "." in s:
+        out.extend((m.start(), m.end(), m.group()) for m in _IPV4.finditer(s))
+    if s.count(":") >= 2:
+        for m in _IPV6.finditer(s):
+            text = m.group().rstrip(".")
+            if text.count(":") < 2 or not any(c not in ":." for c in text):
+                continue
+            try:
+                addr = ipaddress.IPv6Address(text)
+            except ValueError:
+                continue
+            out.append((m.start(), m.start() + len(text), str(addr)))
+    return out
