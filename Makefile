@@ -32,7 +32,7 @@ test: $(STAMP) tools
 lock:
 	$(PY) -m pip install --quiet pip-tools
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test \
-		-o requirements.lock pyproject.toml
+		-o requirements.lock pyproject.toml requirements-build.in
 
 clean:
 	rm -rf $(VENV) .agentgate

@@ -18,6 +18,7 @@ from gateway.admin_events import AdminEvents
 from gateway.approvals import Approvals
 from gateway.errors import CALL_ID_HEADER, Forbidden, GatewayError, error_body
 from gateway.identity import JwtVerifier, extract_bearer
+from gateway.investigate import register_routes
 from gateway.killswitch import SCOPES, KillSwitches
 from gateway.metrics import Metrics
 from gateway.models import Identity
@@ -68,6 +69,7 @@ class AdminApi:
         app.router.add_get("/v1/approvals/{id}", self.get_approval)
         app.router.add_post("/v1/approvals/{id}/approve", self.approve)
         app.router.add_post("/v1/approvals/{id}/deny", self.deny)
+        register_routes(app, self)
         return app
 
     @web.middleware

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.investigate import register_cli
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--limit", type=int)
     sql.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sql.set_defaults(func=cmd_audit_sql)
+    register_cli(audit, with_admin)
 
     approvals = sub.add_parser("approvals", help="approval holds").add_subparsers(dest="approvals_command",
                                                                                 required=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import uuid
 from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
 from typing import Any
+
+from storage.queries import json_value
 
 OCSF_VERSION = "1.3.0"
 CATEGORY_UID = 6  # Application Activity
@@ -70,20 +71,6 @@ def _ms(value: Any) -> int | None:
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)
     return int(value.timestamp() * 1000)
-
-
-def _iso(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
-        return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_iso(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _iso(v) for k, v in value.items()}
-    return value
 
 
 def _compact(doc: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +176,7 @@ def to_ocsf(row: Mapping[str, Any]) -> dict[str, Any]:
         "message": f"{outcome}: {'; '.join(reasons)}" if reasons else outcome,
         "metadata": {"product": dict(_PRODUCT), "version": OCSF_VERSION, "uid": call_id,
                      "correlation_uid": str(row.get("trace_id") or ""), "log_name": "agentgate.calls",
-                     "original_time": _iso(row.get("ts_start"))},
+                     "original_time": json_value(row.get("ts_start"))},
         "actor": _actor(row),
         "api": {
             "operation": str(row.get("tool_name") or "") or f"{method} {path}",
@@ -203,7 +190,7 @@ def to_ocsf(row: Mapping[str, Any]) -> dict[str, Any]:
                          "url": {"hostname": host, "path": path, "port": port or None, "scheme": scheme,
                                  "query_string": query, "url_string": url_string}},
         "http_response": {"code": status} if status else None,
-        "unmapped": {k: _iso(v) for k, v in row.items() if k not in _MAPPED},
+        "unmapped": {k: json_value(v) for k, v in row.items() if k not in _MAPPED},
     }
     compact = _compact(event)
     # Required objects stay even when their content is empty.

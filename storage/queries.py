@@ -129,6 +129,21 @@ def _query(client: Any, sql: str, params: Mapping[str, Any]) -> tuple[list[str],
     return list(res.column_names), list(res.result_rows)
 
 
+def json_value(value: Any) -> Any:
+    """A row value as JSON: times as ISO 8601 UTC (``...Z``), UUIDs as strings."""
+    if isinstance(value, dt.datetime):
+        return utc(value).isoformat().replace("+00:00", "Z")
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, float) and value != value:  # NaN
+        return None
+    return value
+
+
 def _value(v: Any) -> Any:
     if isinstance(v, dt.datetime):
         return utc(v)

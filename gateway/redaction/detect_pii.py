@@ -1,4 +1,7 @@
-"""Personal-data detectors. Each finder returns ``[(start, end, canonical)]`` for one string.
+"""Personal-data detectors. Each finder is called as ``find(s, nd, low)`` (the string, its count of ASCII digits, and
+its lower-cased form, computed once per string by the scanner) and returns
+``[(start, end, canonical)]``. Finders with a ``min_digits`` attribute are skipped by the
+scanner for strings with fewer digits. Patterns are ASCII-only (``\\d`` is ``[0-9]``).
 
 Candidates are found by precompiled patterns and then validated (phonenumbers, Luhn + card
 prefix table, IBAN mod-97, SSN area rules), with cheap pre-checks before the expensive parts.
@@ -19,7 +22,7 @@ from stdnum import luhn as _luhn
 from stdnum.us import ssn as _ssn
 
 Span = tuple[int, int, str]
-Finder = Callable[[str], list[Span]]
+Finder = Callable[[str, int, str], list[Span]]
 
 # --- email -----------------------------------------------------------------------------------
 _EMAIL = re.compile(
@@ -30,7 +33,7 @@ _EMAIL = re.compile(
 _FILE_TLDS = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp", "css", "js", "map"})
 
 
-def find_email(s: str) -> list[Span]:
+def find_email(s: str, nd: int = 0, low: str = "") -> list[Span]:
     if "@" not in s:
         return []
     out = []
@@ -46,13 +49,18 @@ def find_email(s: str) -> list[Span]:
 # A run of >= 7 digits with phone-style separators. Dates (2024-01-15) and dotted quads are
 # removed from a run first, so ISO timestamps and IPs (common in API bodies) never reach the
 # (slow) matcher.
-_DIGIT_RUN = re.compile(r"\d[\d\s().\-/]{5,}\d")
+_DIGIT_RUN = re.compile(r"(?<![A-Za-z])\d[\d\s().\-/]{5,}\d", re.ASCII)
 # Removed from a run before counting: dates and dotted quads (IPs, versions).
-_NOT_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,3}(?:\.\d{1,3}){3,}")
-_NON_DIGIT = re.compile(r"\D+")
+_NOT_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,3}(?:\.\d{1,3}){3,}", re.ASCII)
+_NON_DIGIT = re.compile(r"\D+", re.ASCII)
+
+
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", re.ASCII)
 
 
 def _phone_candidate(s: str) -> bool:
+    if s.count("-") >= 4:
+        s = _UUID.sub(" ", s)
     for m in _DIGIT_RUN.finditer(s):
         run = m.group()
         if "-" in run or "/" in run or "." in run:
@@ -68,8 +76,10 @@ class PhoneFinder:
     def __init__(self, region: str = "US") -> None:
         self.region = region
 
-    def __call__(self, s: str) -> list[Span]:
-        if len(s) < 7 or not _phone_candidate(s):
+    min_digits = 7
+
+    def __call__(self, s: str, nd: int = 99, low: str = "") -> list[Span]:
+        if not _phone_candidate(s):
             return []
         out = []
         for m in PhoneNumberMatcher(s, self.region, leniency=Leniency.VALID):
@@ -83,12 +93,10 @@ class PhoneFinder:
 
 # --- US SSN ----------------------------------------------------------------------------------
 # Only the written forms 123-45-6789 / 123 45 6789: a bare 9-digit number is any other ID.
-_SSN = re.compile(r"(?<![\d\-])(\d{3})([\- ])(\d{2})\2(\d{4})(?![\d\-])")
+_SSN = re.compile(r"(?<![\d\-])(\d{3})([\- ])(\d{2})\2(\d{4})(?![\d\-])", re.ASCII)
 
 
-def find_us_ssn(s: str) -> list[Span]:
-    if len(s) < 11:
-        return []
+def find_us_ssn(s: str, nd: int = 99, low: str = "") -> list[Span]:
     out = []
     for m in _SSN.finditer(s):
         compact = m.group(1) + m.group(3) + m.group(4)
@@ -98,8 +106,8 @@ def find_us_ssn(s: str) -> list[Span]:
 
 
 # --- payment cards ---------------------------------------------------------------------------
-_CARD = re.compile(r"(?<!\d)\d(?:[ \-]?\d){12,}(?!\d)")
-_GROUP = re.compile(r"\d+")
+_CARD = re.compile(r"(?<!\d)\d(?:[ \-]?\d){12,}(?!\d)", re.ASCII)
+_GROUP = re.compile(r"\d+", re.ASCII)
 
 
 def card_number_ok(d: str) -> bool:
@@ -127,9 +135,7 @@ def card_number_ok(d: str) -> bool:
     return ok and _luhn.is_valid(d)
 
 
-def find_payment_card(s: str) -> list[Span]:
-    if len(s) < 13:
-        return []
+def find_payment_card(s: str, nd: int = 99, low: str = "") -> list[Span]:
     out: list[Span] = []
     for m in _CARD.finditer(s):
         text = m.group()
@@ -160,11 +166,15 @@ def find_payment_card(s: str) -> list[Span]:
     return out
 
 
+find_us_ssn.min_digits = 9  # type: ignore[attr-defined]
+find_payment_card.min_digits = 13  # type: ignore[attr-defined]
+
+
 # --- IBAN ------------------------------------------------------------------------------------
-_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
+_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])", re.ASCII)
 
 
-def find_iban(s: str) -> list[Span]:
+def find_iban(s: str, nd: int = 99, low: str = "") -> list[Span]:
     if len(s) < 15:
         return []
     out = []
@@ -181,17 +191,20 @@ def find_iban(s: str) -> list[Span]:
     return out
 
 
+find_iban.min_digits = 4  # type: ignore[attr-defined]
+
+
 # --- IP addresses ----------------------------------------------------------------------------
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 # Not part of a longer dotted sequence: ``1.2.3.4.5`` and ``v1.2.3.4`` are versions, not IPs.
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", re.ASCII)
 # Possessive quantifiers keep this linear on long hex/colon runs.
-_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f.]*+:[0-9A-Fa-f:.]*+(?:%[0-9A-Za-z_.\-]+)?(?![\w:])")
+_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f.]*+:[0-9A-Fa-f:.]*+(?:%[0-9A-Za-z_.\-]+)?(?![\w:])", re.ASCII)
 
 
-def find_ip_address(s: str) -> list[Span]:
+def find_ip_address(s: str, nd: int = 99, low: str = "") -> list[Span]:
     out: list[Span] = []
-    if "." in s:
+    if nd >= 4 and s.count(".") >= 3:
         out.extend((m.start(), m.end(), m.group()) for m in _IPV4.finditer(s))
     if s.count(":") >= 2:
         for m in _IPV6.finditer(s):

@@ -20,30 +20,29 @@ import re
 Span = tuple[int, int, str]
 
 # --- AWS -------------------------------------------------------------------------------------
-_AWS_ID = re.compile(r"(?<![A-Za-z0-9])(?:A3T[A-Z0-9]|ABIA|ACCA|AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])")
+_AWS_ID = re.compile(r"(?<![A-Za-z0-9])(?:A3T[A-Z0-9]|ABIA|ACCA|AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])", re.ASCII)
 _AWS_SECRET = re.compile(
-    r"(?i)aws.{0,20}?(?:secret|key|pwd|pw|password|pass|token).{0,20}?[=:'\"\s]([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
+    r"(?ai)aws.{0,20}?(?:secret|key|pwd|pw|password|pass|token).{0,20}?[=:'\"\s]([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
 )
-_AWS_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "A3T")
 
 
-def find_aws_access_key(s: str) -> list[Span]:
+def find_aws_access_key(s: str, nd: int = 0, low: str = "") -> list[Span]:
     out: list[Span] = []
     if len(s) < 20:
         return out
-    if any(p in s for p in _AWS_PREFIXES):
+    if "A" in s and ("AKIA" in s or "ASIA" in s or "ABIA" in s or "ACCA" in s or "A3T" in s):
         out.extend((m.start(), m.end(), m.group()) for m in _AWS_ID.finditer(s))
-    if "aws" in s or "AWS" in s or "Aws" in s:
+    if "aws" in (low or s.lower()):
         out.extend((m.start(1), m.end(1), m.group(1)) for m in _AWS_SECRET.finditer(s))
     return out
 
 
 # --- PEM private keys ------------------------------------------------------------------------
-_PEM_BEGIN = re.compile(r"-{4,5} ?BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)? ?-{4,5}")
-_PEM_END = re.compile(r"-{4,5} ?END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)? ?-{4,5}")
+_PEM_BEGIN = re.compile(r"-{4,5} ?BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)? ?-{4,5}", re.ASCII)
+_PEM_END = re.compile(r"-{4,5} ?END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)? ?-{4,5}", re.ASCII)
 
 
-def find_private_key(s: str) -> list[Span]:
+def find_private_key(s: str, nd: int = 0, low: str = "") -> list[Span]:
     """A whole PEM block; a block with no END line is redacted to the end of the string."""
     if "PRIVATE KEY" not in s:
         return []
@@ -60,7 +59,7 @@ def find_private_key(s: str) -> list[Span]:
 # --- JWT -------------------------------------------------------------------------------------
 _B64URL = r"[A-Za-z0-9_\-]"
 _JWT = re.compile(
-    rf"eyJ{_B64URL}+={{0,2}}\.{_B64URL}+={{0,2}}\.{_B64URL}*={{0,2}}(?:\.{_B64URL}+\.{_B64URL}+)?"
+    rf"(?a)eyJ{_B64URL}+={{0,2}}\.{_B64URL}+={{0,2}}\.{_B64URL}*={{0,2}}(?:\.{_B64URL}+\.{_B64URL}+)?"
 )
 
 
@@ -75,7 +74,7 @@ def _b64_json_object(part: str) -> bool:
         return False
 
 
-def find_jwt(s: str) -> list[Span]:
+def find_jwt(s: str, nd: int = 0, low: str = "") -> list[Span]:
     """JWS (3 parts, possibly empty signature) and JWE (5 parts) whose header is a JSON object."""
     if "eyJ" not in s:
         return []
@@ -84,13 +83,13 @@ def find_jwt(s: str) -> list[Span]:
 
 
 # --- bearer tokens ---------------------------------------------------------------------------
-_BEARER = re.compile(r"(?i)(?<![A-Za-z0-9])bearer(?:\s+|%20|\+)([A-Za-z0-9\-._~+/]+=*)")
+_BEARER = re.compile(r"(?i)(?<![A-Za-z0-9])bearer(?:\s+|%20|\+)([A-Za-z0-9\-._~+/]+=*)", re.ASCII)
 _TOKENISH = frozenset("0123456789-._~+/=")
 
 
-def find_bearer_token(s: str) -> list[Span]:
+def find_bearer_token(s: str, nd: int = 0, low: str = "") -> list[Span]:
     """The credential after ``Bearer`` (the word itself stays). Prose ("bearer of") is left alone."""
-    if "earer" not in s and "EARER" not in s:
+    if "bearer" not in (low or s.lower()):
         return []
     out = []
     for m in _BEARER.finditer(s):
@@ -102,7 +101,7 @@ def find_bearer_token(s: str) -> list[Span]:
 
 # --- generic API keys and secrets ------------------------------------------------------------
 _VENDOR = re.compile(
-    r"(?<![A-Za-z0-9_\-])(?:"
+    r"(?a)(?<![A-Za-z0-9_\-])(?:"
     r"(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9_]{36,255}"  # GitHub
     r"|github_pat_[A-Za-z0-9_]{22,255}"
     r"|gl(?:pat|dt|ft|soat|rt|cbt|imt|ptt|agent|oas)-[A-Za-z0-9_\-]{20,}"  # GitLab
@@ -128,12 +127,12 @@ _KEYWORDS = (
 )
 # ``password=...`` / ``"api_key": "..."`` / ``token=...`` (but not ``next_page_token=...``).
 _ASSIGN = re.compile(
-    rf"(?i)(?:(?<![A-Za-z0-9])(?:{_KEYWORDS})|(?<![A-Za-z0-9_.\-])token)"
+    rf"(?ai)(?:(?<![A-Za-z0-9])(?:{_KEYWORDS})|(?<![A-Za-z0-9_.\-])token)"
     r"[\"']?\s{0,3}[:=]\s{0,3}[\"']?([^\s\"'&,;<>]{4,})"
 )
 _NOT_SECRETS = frozenset({"true", "false", "null", "none", "undefined", "required", "optional", "string"})
-_BASIC = re.compile(r"(?i)(?<![A-Za-z0-9])basic(?:\s+|%20|\+)([A-Za-z0-9+/]{8,}={0,2})(?![A-Za-z0-9+/=])")
-_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]+:([^\s/@]+)@")
+_BASIC = re.compile(r"(?i)(?<![A-Za-z0-9])basic(?:\s+|%20|\+)([A-Za-z0-9+/]{8,}={0,2})(?![A-Za-z0-9+/=])", re.ASCII)
+_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]+:([^\s/@]+)@", re.ASCII)
 
 
 def _basic_credentials(tok: str) -> bool:
@@ -144,18 +143,31 @@ def _basic_credentials(tok: str) -> bool:
     return b":" in raw and raw.isascii()
 
 
-def find_api_key(s: str) -> list[Span]:
+def _vendor_hint(s: str) -> bool:
+    """Every vendor pattern above contains one of these literals: a cheap gate before the regex."""
+    return ("_" in s or "AC" in s or "SK" in s or "AIza" in s or "SG." in s or ":AA" in s
+            or ("-" in s and ("gl" in s or "xox" in s or "sk-" in s or "pypi-" in s or "sq0" in s or "-us" in s)))
+
+
+def _assign_hint(low: str) -> bool:
+    return "key" in low or "secret" in low or "token" in low or "pass" in low or "pwd" in low
+
+
+def find_api_key(s: str, nd: int = 0, low: str = "") -> list[Span]:
     if len(s) < 8:
         return []
-    out = [(m.start(), m.end(), m.group()) for m in _VENDOR.finditer(s)]
-    if "=" in s or ":" in s:
+    low = low or s.lower()
+    out: list[Span] = []
+    if _vendor_hint(s):
+        out.extend((m.start(), m.end(), m.group()) for m in _VENDOR.finditer(s))
+    if ("=" in s or ":" in s) and _assign_hint(low):
         for m in _ASSIGN.finditer(s):
             v = m.group(1)
             if v.lower() not in _NOT_SECRETS and not v.startswith("[REDACTED"):
                 out.append((m.start(1), m.end(1), v))
-        if "://" in s:
-            out.extend((m.start(1), m.end(1), m.group(1)) for m in _URL_USERINFO.finditer(s))
-    if "asic" in s or "ASIC" in s:
+    if "://" in s and "@" in s:
+        out.extend((m.start(1), m.end(1), m.group(1)) for m in _URL_USERINFO.finditer(s))
+    if "basic" in low:
         out.extend((m.start(1), m.end(1), m.group(1)) for m in _BASIC.finditer(s)
                    if _basic_credentials(m.group(1)))
     return out
