@@ -106,16 +106,15 @@ class Run:
                 env = Env(opts, self.pinning, self.workdir, session, use_wrk)
                 configs = () if opts.leak_only else opts.only
                 if GATEWAY_CONFIGS & set(configs) or opts.leak or opts.profile_seconds:
-                    gw = env.gateway = start_gateway(self.workdir / "gateway", self.keys,
-                                                     upstream_http=self.upstream.http,
-                                                     upstream_ca=self.upstream.ca, cpus=self.pinning.proxy)
-                    self.report["gateway_start_rss_mb"] = round(procs.memory_kb(gw.pid)["VmRSS"] / 1024, 1)
+                    gw = env.gateway = self._start_gateway()
                 for config in configs:
+                    if config in GATEWAY_CONFIGS and gw is None:
+                        continue  # the gateway did not start: report["errors"] says why
                     await self._config(env, config, gw)
                 with_ratio(self.report["results"])
-                if opts.leak:
+                if opts.leak and gw is not None:
                     await self._guard("leak", lambda: self._leak(env, gw))
-                if opts.profile_seconds:
+                if opts.profile_seconds and gw is not None:
                     await self._guard("profile", lambda: self._profile(env, gw))
         finally:
             for child in (self.mitm, gw.child if gw else None, self.upstream.child):
@@ -128,6 +127,18 @@ class Run:
         self.report["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
         self.report["meta"]["loadavg_end"] = meta.loadavg()
         return self.report
+
+    def _start_gateway(self) -> GatewayProcess | None:
+        assert self.upstream is not None
+        try:
+            gw = start_gateway(self.workdir / "gateway", self.keys, upstream_http=self.upstream.http,
+                               upstream_ca=self.upstream.ca, cpus=self.pinning.proxy)
+        except RuntimeError as exc:
+            self.report["errors"].append({"what": "gateway start", "error": str(exc)[-3000:]})
+            print(f"bench: the gateway did not start: {exc}", file=sys.stderr, flush=True)
+            return None
+        self.report["gateway_start_rss_mb"] = round(procs.memory_kb(gw.pid)["VmRSS"] / 1024, 1)
+        return gw
 
     async def _guard(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
         try:

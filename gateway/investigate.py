@@ -402,7 +402,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.json:
         return 0
     for action in doc["actions"]:
-        who = f", approved by {action['approver']}" if action["outcome"] == "approved" else ""
+        who = f" by {action['approver']}" if action["approver"] else ""
         print(f"\n{action['method']} {action['target']} {action['path']} -> {action['outcome']}{who}")
         reads = action["reads_before"]
         print("  read before it:" if reads else "  read nothing through the gateway before it")

@@ -122,12 +122,39 @@ def call_to_row(call: "Call", *, instance: str) -> tuple[Any, ...]:
         "approver": call.approver,
         "decided_at": _ts(call.decided_at_ns) if call.decided_at_ns else None,
         "killswitch_id": call.killswitch_id,
+        # Filled in by the spool's hash chain (storage/chain.py); 0/empty = not chained.
+        "seq": 0,
+        "prev_hash": "",
+        "row_hash": "",
     }
     return tuple(values[name] for name in schema.COLUMN_NAMES)
 
 
-def _insert(client: Any, database: str, rows: list[tuple[Any, ...]]) -> None:
-    client.insert(schema.CALLS_TABLE, rows, database=database,
+INCOMPLETE_OUTCOME = "incomplete"
+INCOMPLETE_REASON = "gateway stopped before the call completed"
+_COL = {name: i for i, name in enumerate(schema.COLUMN_NAMES)}
+
+
+def incomplete_row(begin_row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The row for a call whose request was forwarded but whose completion was never recorded
+    (the gateway died): what was known before the upstream, outcome ``incomplete``, status 0.
+    The end time is unknown, so ts_end = ts_start."""
+    values = list(begin_row)
+    values[_COL["outcome"]] = INCOMPLETE_OUTCOME
+    values[_COL["status"]] = 0
+    values[_COL["reasons"]] = [*begin_row[_COL["reasons"]], INCOMPLETE_REASON]
+    values[_COL["ts_end"]] = begin_row[_COL["ts_start"]]
+    values[_COL["response_bytes"]] = 0
+    values[_COL["upstream_ms"]] = 0.0
+    values[_COL["gateway_ms"]] = 0.0
+    for name, empty in (("seq", 0), ("prev_hash", ""), ("row_hash", "")):
+        values[_COL[name]] = empty
+    return tuple(values)
+
+
+def _insert(client: Any, database: str, rows: list[tuple[Any, ...]],
+            settings: dict[str, Any] | None = None) -> None:
+    client.insert(schema.CALLS_TABLE, rows, database=database, settings=settings,
                   column_names=schema.COLUMN_NAMES, column_type_names=schema.COLUMN_TYPES)
 
 

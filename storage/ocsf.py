@@ -28,14 +28,15 @@ _METHOD_ACTIVITY = {"POST": 1, "GET": 2, "HEAD": 2, "PUT": 3, "PATCH": 3, "DELET
 SEVERITIES: dict[int, str] = {1: "Informational", 2: "Low", 3: "Medium", 4: "High"}
 _OUTCOME_SEVERITY = {
     "allowed": 1, "approved": 1,
-    "would_deny": 2, "approval_expired": 2, "rejected": 2, "upstream_error": 2, "error": 2,
+    "would_deny": 2, "approval_expired": 2, "rejected": 2, "upstream_error": 2, "error": 2, "incomplete": 2,
     "denied": 3, "approval_denied": 3, "unauthenticated": 3, "fail_open": 3,
     "killed": 4,
 }
 # The call went through the gateway (shadow-mode denials included).
 PASSED_OUTCOMES = frozenset({"allowed", "approved", "fail_open", "would_deny"})
 # The policy was evaluated and allowed the call (later stages may still have refused it).
-_POLICY_ALLOWED = frozenset({"allowed", "approved", "approval_denied", "approval_expired", "upstream_error"})
+_POLICY_ALLOWED = frozenset({"allowed", "approved", "approval_denied", "approval_expired", "upstream_error",
+                             "incomplete"})
 _APPROVAL_DECISION = {"approved": "approved", "approval_denied": "denied", "approval_expired": "expired"}
 
 # Attributes every event carries: OCSF base-event requirements plus API Activity's own.

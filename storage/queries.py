@@ -30,7 +30,7 @@ REFUSED_OUTCOMES: tuple[str, ...] = (
     "denied", "killed", "approval_denied", "approval_expired", "unauthenticated", "rejected")
 SHADOW_OUTCOME = "would_deny"
 # Outcomes of a call the policy allowed: the permission was exercised.
-GRANT_USED_OUTCOMES: tuple[str, ...] = ("allowed", "approved", "upstream_error")
+GRANT_USED_OUTCOMES: tuple[str, ...] = ("allowed", "approved", "upstream_error", "incomplete")
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Redaction summary columns another change may add to calls; used only if present.
 OPTIONAL_TRACE_COLUMNS: tuple[str, ...] = ("redacted_paths", "redaction_counts")

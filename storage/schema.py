@@ -6,18 +6,42 @@ append it here and add a migration ``ALTER TABLE {db}.calls ADD COLUMN IF NOT EX
 (fresh databases get it from version 1's CREATE, existing ones from the ALTER).
 
 Every DDL statement is idempotent (``IF NOT EXISTS``), so applying a version twice, or two
-gateways applying it at once, is harmless.
+gateways applying it at once, is harmless. A migration step is a DDL string or a callable
+``step(client)`` for steps that must look before they act (version 3's engine change).
+
+Tables and views (database ``agentgate`` by default):
+
+* ``calls``: one row per call. A ``ReplacingMergeTree`` keyed ``(agent_id, ts_start, call_id)``
+  (version 3): the spool replays rows after a crash or an outage, and a replayed row replaces
+  its copy at the next merge. **Read it with ``FINAL``** (``SELECT ... FROM agentgate.calls
+  FINAL``) for exact counts; without FINAL a replayed row may be counted twice until merged.
+* ``calls_hourly``: a view of per-agent hourly call counts by outcome,
+  ``SELECT hour, agent_id, outcome, calls FROM agentgate.calls_hourly``. It reads
+  ``calls_hourly_state`` (AggregatingMergeTree of ``uniqExactState(call_id)``), which the
+  materialized view ``calls_hourly_mv`` feeds from every insert into ``calls``. Counting
+  distinct call ids keeps the counts exact when a row is replayed (a plain count would not).
+* ``schema_version``, and the shared-state tables of storage/state_schema.py.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 DEFAULT_DATABASE = "agentgate"
 CALLS_TABLE = "calls"
 VERSION_TABLE = "schema_version"
+HOURLY_VIEW = "calls_hourly"
+HOURLY_STATE_TABLE = "calls_hourly_state"
+HOURLY_MV = "calls_hourly_mv"
+# calls is rebuilt under a temporary name (version 3); leftovers of a crash are finished later.
+PRE_V3_PREFIX = "calls_pre_v3_"
+
+OUTCOME_COMMENT = ("allowed, denied, unauthenticated, rejected, upstream_error, error ...; incomplete: "
+                   "forwarded, but the gateway stopped before the call completed")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
@@ -50,7 +74,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("request_bytes", "UInt64", "Request body size in bytes"),
     Column("response_bytes", "UInt64", "Response body size in bytes sent to the agent"),
     Column("status", "UInt16", "HTTP status returned to the agent; 0 if none was sent"),
-    Column("outcome", "LowCardinality(String)", "allowed, denied, unauthenticated, rejected, upstream_error, error ..."),
+    Column("outcome", "LowCardinality(String)", OUTCOME_COMMENT),
     Column("reasons", "Array(String)", "Policy reasons for the decision"),
     Column("error_code", "LowCardinality(String)", "Gateway error code when the gateway answered itself; empty otherwise"),
     Column("policy_revision", "String", "Revision of the policy bundle that decided"),
@@ -67,6 +91,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("approver", "String", "Who decided that approval (admin JWT subject)"),
     Column("decided_at", "Nullable(DateTime64(6, 'UTC'))", "When that approval was decided"),
     Column("killswitch_id", "String", "Kill-switch that refused this call, if any"),
+    # version 3: write-ahead spool and tamper evidence (storage/spool.py, storage/chain.py)
+    Column("seq", "UInt64", "Position of this row in its gateway instance's hash chain (1, 2, ...); 0 = not chained"),
+    Column("prev_hash", "String", "row_hash of the previous row in this instance's chain; empty for seq 1"),
+    Column("row_hash", "String", "Hex SHA-256 of this row's canonical encoding, prev_hash included (storage/chain.py)"),
 )
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 COLUMN_TYPES: tuple[str, ...] = tuple(c.type for c in COLUMNS)
@@ -87,11 +115,12 @@ def ttl_expression(ttl_days: int) -> str:
     return f"ts_start + INTERVAL {int(ttl_days)} DAY"
 
 
-def calls_ddl(database: str, ttl_days: int) -> str:
+def calls_ddl(database: str, ttl_days: int, table: str = CALLS_TABLE) -> str:
     cols = ",\n    ".join(f"`{c.name}` {c.type} COMMENT {_quote(c.comment)}" for c in COLUMNS)
     return (
-        f"CREATE TABLE IF NOT EXISTS {database}.{CALLS_TABLE} (\n    {cols}\n)\n"
-        "ENGINE = MergeTree\n"
+        f"CREATE TABLE IF NOT EXISTS {database}.{table} (\n    {cols}\n)\n"
+        # Keyed by call (agent_id and ts_start are fixed per call): a replayed row replaces its copy.
+        "ENGINE = ReplacingMergeTree\n"
         "PARTITION BY toDate(ts_start)\n"
         "ORDER BY (agent_id, ts_start, call_id)\n"
         f"TTL {ttl_expression(ttl_days)}\n"
@@ -117,14 +146,100 @@ def _add_columns(database: str, names: tuple[str, ...]) -> list[str]:
     ]
 
 
-def migrations(database: str, ttl_days: int) -> list[tuple[int, list[str]]]:
-    """Ordered (version, [DDL ...]); a version is recorded once all its statements ran."""
+def hourly_ddl(database: str, ttl_days: int) -> list[str]:
+    """calls_hourly: state table, the materialized view feeding it, and the view to read."""
+    return [
+        f"CREATE TABLE IF NOT EXISTS {database}.{HOURLY_STATE_TABLE} (\n"
+        "    `hour` DateTime('UTC') COMMENT 'Start of the hour (UTC) of ts_start',\n"
+        "    `agent_id` String COMMENT 'Verified agent id; empty if unauthenticated',\n"
+        "    `outcome` LowCardinality(String) COMMENT 'Outcome of the calls',\n"
+        "    `calls` AggregateFunction(uniqExact, UUID) COMMENT 'Distinct call ids (read with uniqExactMerge)'\n"
+        ")\nENGINE = AggregatingMergeTree\nPARTITION BY toYYYYMM(hour)\nORDER BY (agent_id, hour, outcome)\n"
+        f"TTL {hourly_ttl_expression(ttl_days)}\n"
+        "COMMENT 'State of calls_hourly, fed by calls_hourly_mv; query the calls_hourly view'",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.{HOURLY_MV} TO {database}.{HOURLY_STATE_TABLE} AS "
+        f"{_hourly_select(database)}",
+        f"CREATE VIEW IF NOT EXISTS {database}.{HOURLY_VIEW} AS "
+        "SELECT hour, agent_id, outcome, uniqExactMerge(calls) AS calls "
+        f"FROM {database}.{HOURLY_STATE_TABLE} GROUP BY hour, agent_id, outcome "
+        "COMMENT 'Per-agent hourly call counts by outcome (exact: distinct call ids)'",
+    ]
+
+
+def _hourly_select(database: str) -> str:
+    return ("SELECT toStartOfHour(toDateTime(ts_start, 'UTC')) AS hour, agent_id, outcome, "
+            f"uniqExactState(call_id) AS calls FROM {database}.{CALLS_TABLE} GROUP BY hour, agent_id, outcome")
+
+
+def hourly_ttl_expression(ttl_days: int) -> str:
+    return f"hour + INTERVAL {int(ttl_days)} DAY"
+
+
+def table_engine(client: Any, database: str, table: str) -> str | None:
+    res = client.query(
+        "SELECT engine FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+        parameters={"db": database, "t": table})
+    return str(res.result_rows[0][0]) if res.result_rows else None
+
+
+def _table_columns(client: Any, database: str, table: str) -> set[str]:
+    res = client.query("SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+                       parameters={"db": database, "t": table})
+    return {str(r[0]) for r in res.result_rows}
+
+
+def convert_calls_to_replacing(client: Any, database: str, ttl_days: int) -> None:
+    """Make ``calls`` a ReplacingMergeTree without losing a row, even while gateways insert.
+
+    Swap first, copy after: an empty ReplacingMergeTree takes the name ``calls`` (EXCHANGE is
+    atomic, so every insert lands in one table or the other), then the old rows are copied in
+    from the temporary name and that table is dropped. A crash leaves a ``calls_pre_v3_*``
+    table that the next run copies again; the copies are replaced away by call. Two gateways
+    migrating at once each swap and copy; nothing is lost, duplicates are replaced.
+    """
+    if table_engine(client, database, CALLS_TABLE) != "ReplacingMergeTree":
+        tmp = PRE_V3_PREFIX + uuid.uuid4().hex[:12]
+        client.command(calls_ddl(database, ttl_days, table=tmp))
+        client.command(f"EXCHANGE TABLES {database}.{CALLS_TABLE} AND {database}.{tmp}")
+    leftovers = client.query(
+        "SELECT name FROM system.tables WHERE database = {db:String} AND startsWith(name, {p:String}) "
+        "ORDER BY name", parameters={"db": database, "p": PRE_V3_PREFIX}).result_rows
+    for (name,) in leftovers:
+        name = str(name)
+        if not _IDENT.match(name):
+            continue
+        cols = ", ".join(f"`{c}`" for c in COLUMN_NAMES if c in _table_columns(client, database, name))
+        try:
+            if cols:
+                client.command(f"INSERT INTO {database}.{CALLS_TABLE} ({cols}) SELECT {cols} FROM {database}.{name}")
+            client.command(f"DROP TABLE IF EXISTS {database}.{name}")
+        except Exception:
+            if table_engine(client, database, name) is not None:
+                raise  # still there: a real failure
+            # Another gateway copied and dropped it meanwhile.
+
+
+def backfill_hourly(client: Any, database: str) -> None:
+    """Feed rows already in calls into calls_hourly_state (idempotent: uniqExact ignores repeats)."""
+    client.command(f"INSERT INTO {database}.{HOURLY_STATE_TABLE} {_hourly_select(database)}")
+
+
+Step = Union[str, Callable[[Any], None]]
+
+
+def migrations(database: str, ttl_days: int) -> list[tuple[int, list[Step]]]:
+    """Ordered (version, [DDL or step(client) ...]); a version is recorded once all its steps ran."""
     from storage.state_schema import state_tables_ddl
 
     return [
         (1, [calls_ddl(database, ttl_days)]),
         (2, _add_columns(database, ("approval_id", "approver", "decided_at", "killswitch_id"))
             + state_tables_ddl(database)),
+        (3, _add_columns(database, ("seq", "prev_hash", "row_hash"))
+            + [f"ALTER TABLE {database}.{CALLS_TABLE} COMMENT COLUMN `outcome` {_quote(OUTCOME_COMMENT)}",
+               lambda client: convert_calls_to_replacing(client, database, ttl_days)]
+            + hourly_ddl(database, ttl_days)
+            + [lambda client: backfill_hourly(client, database)]),
     ]
 
 
@@ -163,12 +278,18 @@ def apply_migrations(client: Any, database: str, ttl_days: int) -> list[int]:
     for version, statements in migrations(database, ttl_days):
         if version in done:
             continue
-        for ddl in statements:
-            client.command(ddl)
+        for step in statements:
+            if callable(step):
+                step(client)
+            else:
+                client.command(step)
         client.command(
             f"INSERT INTO {database}.{VERSION_TABLE} (version, applied_at) VALUES ({int(version)}, now64(3))"
         )
         applied.append(version)
     if current_ttl_days(client, database) != ttl_days:
         client.command(f"ALTER TABLE {database}.{CALLS_TABLE} MODIFY TTL {ttl_expression(ttl_days)}")
+        if table_engine(client, database, HOURLY_STATE_TABLE) is not None:
+            client.command(f"ALTER TABLE {database}.{HOURLY_STATE_TABLE} "
+                           f"MODIFY TTL {hourly_ttl_expression(ttl_days)}")
     return applied

@@ -30,7 +30,7 @@ def opa() -> OpaFixture:
 @pytest.fixture(scope="module")
 def opa_gw(gateway_factory, upstream: Upstream, opa: OpaFixture) -> Gateway:
     return gateway_factory({
-        "policy": {"engine": "opa", "opa_url": opa.url, "timeout_seconds": 0.5},
+        "policy": {"engine": "opa", "opa_url": opa.url, "timeout_seconds": 2},
         "routes": {"plain": {"upstream": upstream.url},
                    "lenient": {"upstream": upstream.url, "fail_open": True}},
     }, name="opa")

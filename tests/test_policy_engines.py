@@ -478,9 +478,15 @@ def test_run_tests_compile_error(bundle: Path) -> None:
 
 
 async def test_opa_misbehaving_server_fails_closed(bundle: Path, opa_fixture: OpaFixture) -> None:
+    doc = {"agent": "alice", "path": "/ok"}
+    # Warm the fixture's compile cache with a patient client, so the 0.3 s budget below only
+    # ever meets the misbehaviour under test, not a first compile on a busy machine.
+    warm = OpaEngine(cfg(bundle, engine="opa", opa_url=opa_fixture.url, timeout_seconds=30))
+    await warm.start()
+    await warm.evaluate(doc)
+    await warm.close()
     engine = OpaEngine(cfg(bundle, engine="opa", opa_url=opa_fixture.url, timeout_seconds=0.3))
     await engine.start()
-    doc = {"agent": "alice", "path": "/ok"}
     try:
         assert (await engine.evaluate(doc))["allow"] is True
 

@@ -60,6 +60,9 @@ def _opa_error(status: int, body: bytes) -> str:
     return f"OPA answered HTTP {status}"
 
 
+STARTUP_TIMEOUT = 10.0
+
+
 class OpaEngine:
     """``PolicyEngine`` backed by ``POST {opa_url}/v1/data/<decision>``."""
 
@@ -86,18 +89,19 @@ class OpaEngine:
                 timeout=self._timeout, raise_for_status=False,
                 headers={"Content-Type": "application/json"})
         try:
-            status, _body = await self._request("GET", f"{self.base_url}/health")
+            # Start-up is not the request path: it gets a generous timeout of its own.
+            status, _body = await self._request("GET", f"{self.base_url}/health", timeout=STARTUP_TIMEOUT)
             if status != 200:
                 raise PolicyLoadError(f"OPA at {self.base_url} is not healthy (HTTP {status})")
             for key, value in self.extra_data.items():
                 url = f"{self.base_url}/v1/data/{quote(key, safe='')}"
-                status, body = await self._request("PUT", url, _dumps(value))
+                status, body = await self._request("PUT", url, _dumps(value), timeout=STARTUP_TIMEOUT)
                 if status not in (200, 204):
                     raise PolicyLoadError(
                         f"OPA refused data.{key}: {_opa_error(status, body)} (if a bundle owns that "
                         f"root, serve the data from the bundle instead)")
             status, body = await self._request(
-                "GET", f"{self.base_url}/v1/data/{_PROBE_PATH}?provenance=true")
+                "GET", f"{self.base_url}/v1/data/{_PROBE_PATH}?provenance=true", timeout=STARTUP_TIMEOUT)
             if status == 200:
                 self._note_revision(_loads(body))
         except PolicyEvalError as exc:
@@ -135,18 +139,20 @@ class OpaEngine:
                 log.info("OPA bundle revision %s -> %s", self.revision, revision)
             self.revision = revision
 
-    async def _request(self, method: str, url: str, data: bytes | None = None) -> tuple[int, bytes]:
+    async def _request(self, method: str, url: str, data: bytes | None = None,
+                       timeout: float | None = None) -> tuple[int, bytes]:
         session = self._session
         if session is None or session.closed:
             raise PolicyEvalError("OPA policy engine is not started")
+        limit = timeout or self.cfg.timeout_seconds
         try:
-            async with session.request(method, url, data=data) as resp:
+            async with session.request(method, url, data=data, timeout=aiohttp.ClientTimeout(total=limit)) as resp:
                 body = await _read_bounded(resp)
                 status = resp.status
         except (asyncio.TimeoutError, TimeoutError):
             self.ready = False
             raise PolicyEvalError(
-                f"OPA at {self.base_url} did not answer within {self.cfg.timeout_seconds}s") from None
+                f"OPA at {self.base_url} did not answer within {limit}s") from None
         except aiohttp.ClientError as exc:
             self.ready = False
             raise PolicyEvalError(f"OPA at {self.base_url} unreachable: {exc}") from None

@@ -192,6 +192,11 @@ def decode(body: bytes, encodings: list[str], limit: int) -> tuple[bytes, list[b
 
 def encode(data: bytes, encodings: list[str], raws: list[bool] | None = None) -> bytes:
     for idx, enc in enumerate(encodings):
-        e = Encoder(enc, raw_deflate=bool(raws and raws[idx]))
-        data = e.compress(data) + e.finish()
+        if enc == "zstd":  # one-shot: the frame header then carries the content size
+            data = zstandard.ZstdCompressor(level=3).compress(data)
+        elif enc == "br":
+            data = brotli.compress(data, quality=5)
+        else:
+            e = Encoder(enc, raw_deflate=bool(raws and raws[idx]))
+            data = e.compress(data) + e.finish()
     return data

@@ -147,6 +147,8 @@ class Redactor:
 
         Raises UnknownDetector or InvalidFieldPath (both ValueError) with a clear message.
         """
+        if isinstance(fields, (str, bytes)) or isinstance(detectors, (str, bytes)):
+            raise InvalidFieldPath("redact.fields and redact.detectors must be lists of strings")
         key = (tuple(fields), tuple(detectors))
         try:
             return self._plans[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable, Sequence
 
 from . import detect_pii, detect_secrets
@@ -34,8 +35,16 @@ _STATIC: dict[str, Finder] = {
 
 
 _DIGITS = b"0123456789"
+_INERT = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d{1,9})?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+    r"|[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", re.ASCII)
 _DIGIT_DETECTORS = frozenset({"phone", "us_ssn", "payment_card", "iban", "ip_address"})
 _LOWER_DETECTORS = frozenset({"api_key", "aws_access_key", "bearer_token"})
+# A literal every hit contains (checked inline, saving a call): (literal, in lower-cased text).
+_LITERALS: dict[str, tuple[str, bool]] = {
+    "email": ("@", False), "jwt": ("eyJ", False), "private_key": ("PRIVATE KEY", False),
+    "bearer_token": ("bearer", True),
+}
 
 
 def normalize_detectors(names: Iterable[str]) -> tuple[str, ...]:
@@ -63,7 +72,8 @@ class TextScanner:
         finders = []
         for i, n in enumerate(self.names):
             find = detect_pii.PhoneFinder(phone_region) if n == "phone" else _STATIC[n]
-            finders.append((i, n, find, getattr(find, "min_digits", 0)))
+            lit, lit_low = _LITERALS.get(n, (None, False))
+            finders.append((i, n, find, getattr(find, "min_digits", 0), lit, lit_low))
         self._finders = tuple(finders)
         self._digits = any(n in _DIGIT_DETECTORS for n in self.names)
         self._low = any(n in _LOWER_DETECTORS for n in self.names)
@@ -76,11 +86,17 @@ class TextScanner:
         if len(s) < 6:  # shorter than any detectable value ("a@b.co")
             return None
         # Per-string features shared by the finders' pre-checks (C-speed, no regex).
-        nd = len(s) - len(s.encode("utf-8", "surrogatepass").translate(None, _DIGITS)) if self._digits else 0
+        if self._digits:
+            b = s.encode("utf-8", "surrogatepass")
+            nd = len(b) - len(b.translate(None, _DIGITS))
+            if nd >= 8 and len(s) <= 40 and _INERT.fullmatch(s):
+                return None  # a bare timestamp or UUID: very common, never sensitive
+        else:
+            nd = 0
         low = s.lower() if self._low else ""
         hits: list[tuple[int, int, int, str, str]] = []
-        for prio, name, find, min_digits in self._finders:
-            if nd < min_digits:
+        for prio, name, find, min_digits, lit, lit_low in self._finders:
+            if nd < min_digits or (lit is not None and lit not in (low if lit_low else s)):
                 continue
             for start, end, canon in find(s, nd, low):
                 hits.append((start, end, prio, name, canon))

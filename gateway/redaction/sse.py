@@ -50,8 +50,11 @@ class SseRedactor:
         if self._decoder is None:
             return self._ingest(chunk, final=False)
         out = bytearray()
+        limit = self._plan.settings.max_decoded_bytes
         for piece in self._decoder.feed(chunk):
             out += self._ingest(piece, final=False)
+            if len(out) > limit:  # one chunk inflating to a flood of events
+                raise NotRedactable("decompression_limit", f"one chunk decodes to more than {limit} bytes")
         return self._encode(bytes(out), final=False)
 
     def close(self) -> bytes:
@@ -117,16 +120,21 @@ class SseRedactor:
         new = self._redact_data(data, index)
         if new is None:
             return raw
-        first = data_idx[0]
+        first, last = data_idx[0], data_idx[-1]
         sep = " " if lines[first].startswith("data: ") or lines[first] == "data" else ""
-        nl = terms[0] if terms else "\n"
+        nl = terms[first] if first < len(terms) else "\n"
         replacement = nl.join(f"data:{sep}{ln}" for ln in new.split("\n"))
         out: list[str] = []
         drop = set(data_idx[1:])
         for i, ln in enumerate(lines):
             if i in drop:
                 continue
-            out.append(replacement if i == first else ln)
+            if i == first:
+                out.append(replacement)
+                if last < len(terms):
+                    out.append(terms[last])
+                continue
+            out.append(ln)
             if i < len(terms):
                 out.append(terms[i])
         return "".join(out).encode("utf-8", "surrogateescape")

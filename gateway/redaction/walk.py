@@ -18,6 +18,8 @@ from .scanner import TextScanner
 from .settings import NotRedactable
 
 _CARD_MIN = 10**12  # 13 digits
+_MEMO_MAX_LEN = 256
+_MEMO_MAX_ENTRIES = 65536
 
 
 def _canonical(value: Any) -> str:
@@ -30,7 +32,7 @@ class JsonWalk:
     """Redacts one JSON value into ``report``; ``prefix`` labels paths (``line[3]:``)."""
 
     __slots__ = ("_scanner", "_fields", "_replace", "_max_depth", "_report", "_prefix", "_parts",
-                 "_key_names", "_card_ints", "_scrub_key")
+                 "_key_names", "_card_ints", "_scrub_key", "_memo")
 
     def __init__(self, *, scanner: TextScanner | None, fields: FieldMatcher | None, replacer: Replacer,
                  max_depth: int, report: RedactionReport, prefix: str = "", scrub_key=None) -> None:
@@ -44,6 +46,7 @@ class JsonWalk:
         self._key_names = scanner is not None and scanner.key_names
         self._card_ints = scanner is not None and "payment_card" in scanner.names
         self._scrub_key = scrub_key
+        self._memo: dict[str, tuple[str | None, dict[str, int]]] = {}
 
     def run(self, value: Any) -> Any:
         fields = self._fields
@@ -55,6 +58,23 @@ class JsonWalk:
         if (state is not None and fields.is_final(state)) or (trie is not None and END in trie):
             return self._field(value)
         return self._walk(value, state, trie, 0)
+
+    def _scan(self, s: str) -> str | None:
+        """scanner.redact with a per-walk memo: repeated values (statuses, tags...) scan once."""
+        if len(s) > _MEMO_MAX_LEN:
+            return self._scanner.redact(s, self._report.counts)  # type: ignore[union-attr]
+        hit = self._memo.get(s)
+        if hit is None:
+            local: dict[str, int] = {}
+            hit = (self._scanner.redact(s, local), local)  # type: ignore[union-attr]
+            if len(self._memo) < _MEMO_MAX_ENTRIES:
+                self._memo[s] = hit
+        r, local = hit
+        if local:
+            counts = self._report.counts
+            for k, n in local.items():
+                counts[k] = counts.get(k, 0) + n
+        return r
 
     # -- hits -----------------------------------------------------------------------------------
     def _hit(self) -> None:
@@ -80,7 +100,7 @@ class JsonWalk:
         if t is str:
             if self._scanner is None:
                 return v
-            r = self._scanner.redact(v, self._report.counts)
+            r = self._scan(v)
             if r is None:
                 return v
             self._hit()
@@ -114,7 +134,7 @@ class JsonWalk:
                 if self._key_names and child and is_secret_name(k) and not child.startswith("[REDACTED"):
                     new = self._whole("api_key", child)
                 elif scanner is not None:
-                    r = scanner.redact(child, self._report.counts)
+                    r = self._scan(child)
                     if r is None:
                         new = child
                     else:

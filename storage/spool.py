@@ -1,0 +1,1029 @@
+"""Write-ahead audit spool: no call reaches an upstream without a durable record of it.
+
+Layout under ``<data_dir>/spool/``::
+
+    LOCK                 flock'd by the one gateway process that owns the spool
+    state.json           shipper position and chain heads, replaced atomically after each insert
+    0000000000000001.seg segments: append-only, rotated at ``segment_bytes``
+
+A segment is a sequence of records ``<u32 body length><u32 CRC32(body)><body>``, body =
+``<u8 kind><16-byte call_id><payload>``. The first record is a HEADER (payload: JSON with the
+column names the segment's rows use, so rows survive a schema change across an upgrade).
+BEGIN carries the row as known before the upstream; COMPLETE the full, hash-chained row.
+Payloads are JSON arrays in header column order (UUID as text, DateTime64 as microseconds).
+
+Request path (event loop):
+
+* :meth:`AuditSpool.begin` appends a BEGIN and returns once it is fsync'd. Group commit: a
+  writer task takes whatever records arrived, writes them in one ``write`` and one
+  ``fdatasync`` on a dedicated thread, then resolves every waiting begin; records arriving
+  meanwhile form the next group.
+* :meth:`AuditSpool.submit` (the completed row) seals the row into its instance's hash chain
+  (storage/chain.py) and appends a COMPLETE without waiting; it is synced with the next group,
+  or within ``flush_interval_seconds``.
+
+A shipper task reads durable records in order, inserts COMPLETE rows into ClickHouse in
+batches (retrying with backoff while the store is down) and only then records its position
+in state.json. The position it records (``resume``) never passes a BEGIN whose COMPLETE it
+has not seen, so a crash never loses a forwarded call; segments wholly before ``resume`` are
+deleted. A call running long enough to pin an old segment has its BEGIN copied forward.
+
+Start-up recovery (the LOCK proves the previous owner is gone): the previous runs' segments
+are scanned from ``resume``; a torn tail is cut off; every BEGIN without a COMPLETE is
+completed with an ``incomplete`` row (storage.audit.incomplete_row). Replays are harmless:
+``calls`` is a ReplacingMergeTree keyed by call and each batch carries a content-derived
+``insert_deduplication_token``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from storage import schema
+from storage.audit import _describe, _insert, incomplete_row
+from storage.chain import CALL_ID, INSTANCE, ROW_HASH, SEQ, Chain, Head, last_head
+
+if TYPE_CHECKING:
+    from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+HEADER, BEGIN, COMPLETE = 0, 1, 2
+_REC = struct.Struct("<II")  # body length, CRC32 of body
+_KIND_ID = struct.Struct("<B16s")
+_MIN_BODY = _KIND_ID.size
+MAX_BODY = 64 << 20
+SEGMENT_SUFFIX = ".seg"
+STATE_FILE = "state.json"
+LOCK_FILE = "LOCK"
+FORMAT_VERSION = 1
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_NIL = uuid.UUID(int=0)
+
+Pos = tuple[int, int]  # (segment number, byte offset)
+
+
+class AuditUnavailable(Exception):
+    """The call cannot be recorded durably (spool full or unwritable) and audit.required is
+    set: refuse the call with 503 ``audit_unavailable``."""
+
+
+class SpoolLocked(Exception):
+    """Another process owns this spool directory."""
+
+
+class SpoolWriteError(Exception):
+    """Records could not be written or synced to the spool."""
+
+
+def _fdatasync(fd: int) -> None:
+    """The one place the spool syncs record data (tests count calls through a wrapper)."""
+    os.fdatasync(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- row codec
+def _codec(type_name: str) -> tuple[Any, Any, Any]:
+    """(encode to JSON-able, decode, default) for one column type."""
+    t = type_name
+    while t.startswith("LowCardinality("):
+        t = t[len("LowCardinality("):-1]
+    if t.startswith("Nullable("):
+        enc, dec, _ = _codec(t[len("Nullable("):-1])
+        return (lambda v: None if v is None else enc(v)), (lambda v: None if v is None else dec(v)), None
+    if t == "UUID":
+        return str, uuid.UUID, _NIL
+    if t.startswith(("DateTime64", "DateTime")):
+        return ((lambda v: (v - _EPOCH) // dt.timedelta(microseconds=1)),
+                (lambda v: _EPOCH + dt.timedelta(microseconds=v)), _EPOCH)
+    if t.startswith("Array("):
+        return (lambda v: v), (lambda v: v), []
+    if t.startswith("Map("):
+        return (lambda v: dict(v)), (lambda v: v), {}
+    if t.startswith(("UInt", "Int", "Bool")):
+        return (lambda v: v), (lambda v: v), 0
+    if t.startswith("Float"):
+        return (lambda v: v), (lambda v: v), 0.0
+    return (lambda v: v), (lambda v: v), ""
+
+
+_CODECS = [_codec(c.type) for c in schema.COLUMNS]
+_ENCODERS = [e for e, _, _ in _CODECS]
+
+
+def encode_row(row: tuple[Any, ...]) -> bytes:
+    return json.dumps([f(v) for f, v in zip(_ENCODERS, row)], separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def _decoder(columns: list[str]) -> Any:
+    """A function decoding a payload written with ``columns`` into a row in today's order."""
+    where = {name: i for i, name in enumerate(columns)}
+    plan = [(where.get(name), dec, default) for name, (_, dec, default) in zip(schema.COLUMN_NAMES, _CODECS)]
+
+    def decode(payload: bytes) -> tuple[Any, ...]:
+        values = json.loads(payload)
+        return tuple(default if i is None else dec(values[i]) for i, dec, default in plan)
+    return decode
+
+
+def encode_record(kind: int, call_id: bytes, payload: bytes) -> bytes:
+    body = _KIND_ID.pack(kind, call_id) + payload
+    return _REC.pack(len(body), zlib.crc32(body)) + body
+
+
+def _header_record() -> bytes:
+    doc = {"format": FORMAT_VERSION, "columns": list(schema.COLUMN_NAMES)}
+    return encode_record(HEADER, bytes(16), json.dumps(doc).encode())
+
+
+def _call_id_bytes(value: Any) -> bytes:
+    return value.bytes if isinstance(value, uuid.UUID) else uuid.UUID(str(value)).bytes
+
+
+# ---------------------------------------------------------------------------- segment files
+def segment_path(directory: Path, seg: int) -> Path:
+    return directory / f"{seg:016d}{SEGMENT_SUFFIX}"
+
+
+def list_segments(directory: Path) -> list[int]:
+    out = []
+    for p in directory.glob(f"*{SEGMENT_SUFFIX}"):
+        stem = p.name[:-len(SEGMENT_SUFFIX)]
+        if stem.isdigit():
+            out.append(int(stem))
+    return sorted(out)
+
+
+@dataclasses.dataclass
+class ScanResult:
+    status: str = "eof"  # eof: clean end; torn: partial record at the end; corrupt: bad record
+    good_end: int = 0
+
+
+def iter_records(path: Path, start: int, end: int | None, result: ScanResult,
+                 chunk: int = 1 << 20) -> Iterator[tuple[int, bytes, bytes, int, int]]:
+    """(kind, call_id, payload, offset, end offset) of each valid record in ``[start, end)``."""
+    result.good_end, result.status = start, "eof"
+    with open(path, "rb") as f:
+        f.seek(start)
+        buf, i, off = bytearray(), 0, start
+        fpos = start
+
+        def have(n: int) -> bool:
+            nonlocal buf, i, fpos
+            while len(buf) - i < n:
+                if i:
+                    del buf[:i]
+                    i = 0
+                want = max(chunk, n - len(buf))
+                if end is not None:
+                    want = min(want, end - fpos)
+                data = f.read(want) if want > 0 else b""
+                if not data:
+                    return False
+                fpos += len(data)
+                buf += data
+            return True
+
+        while True:
+            if not have(_REC.size):
+                result.status = "eof" if len(buf) == i else "torn"
+                return
+            length, crc = _REC.unpack_from(buf, i)
+            if not _MIN_BODY <= length <= MAX_BODY:
+                result.status = "corrupt"
+                return
+            if not have(_REC.size + length):
+                result.status = "torn"
+                return
+            body = bytes(buf[i + _REC.size:i + _REC.size + length])
+            if zlib.crc32(body) != crc:
+                result.status = "corrupt"
+                return
+            kind, call_id = _KIND_ID.unpack_from(body)
+            rec_end = off + _REC.size + length
+            yield kind, call_id, body[_MIN_BODY:], off, rec_end
+            i += _REC.size + length
+            off = rec_end
+            result.good_end = off
+
+
+def read_header(path: Path) -> list[str] | None:
+    scan = ScanResult()
+    for kind, _, payload, _, _ in iter_records(path, 0, None, scan, chunk=64 << 10):
+        if kind == HEADER:
+            return list(json.loads(payload)["columns"])
+        return None
+    return None
+
+
+class SegmentWriter:
+    """The open segment: append, fdatasync, rotate. Used from one thread only."""
+
+    def __init__(self, directory: Path, seg: int, segment_bytes: int, fsync: bool) -> None:
+        self.directory, self.segment_bytes, self.fsync = directory, segment_bytes, fsync
+        self.seg, self.size, self.fd = seg, 0, -1
+        self.syncs = 0
+
+    def open(self, seg: int) -> int:
+        """Create segment ``seg`` with its header, durably. Returns its size."""
+        path = segment_path(self.directory, seg)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            header = _header_record()
+            os.write(fd, header)
+            os.fsync(fd)
+            _fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.seg, self.size, self.fd = seg, len(header), fd
+        return self.size
+
+    def append(self, data: bytes) -> Pos:
+        """Write ``data`` (whole records) and sync it; on failure the segment is cut back."""
+        if self.fd < 0:
+            self.open(self.seg + 1)
+        elif self.size + len(data) > self.segment_bytes and self.size > len(_header_record()):
+            self.close(sync=True)
+            self.open(self.seg + 1)
+        try:
+            view, written = memoryview(data), 0
+            while written < len(data):
+                written += os.write(self.fd, view[written:])
+            if self.fsync:
+                _fdatasync(self.fd)
+                self.syncs += 1
+        except OSError:
+            try:
+                os.ftruncate(self.fd, self.size)
+                os.lseek(self.fd, self.size, os.SEEK_SET)
+            except OSError:  # cannot even cut back: continue in a fresh segment
+                self.close(sync=False)
+            raise
+        self.size += len(data)
+        return self.seg, self.size
+
+    def close(self, *, sync: bool) -> None:
+        if self.fd >= 0:
+            try:
+                if sync:
+                    os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
+# ---------------------------------------------------------------------------- shipper state
+@dataclasses.dataclass
+class SpoolState:
+    shipped: Pos = (0, 0)
+    """Every COMPLETE before this position is in the store."""
+    resume: Pos = (0, 0)
+    """Reading from here finds every BEGIN still waiting for its COMPLETE."""
+    heads: dict[str, Head] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": FORMAT_VERSION, "shipped": list(self.shipped), "resume": list(self.resume),
+                           "heads": {k: [h.seq, h.hash] for k, h in self.heads.items()}}).encode()
+
+
+def load_state(directory: Path) -> SpoolState:
+    path = directory / STATE_FILE
+    try:
+        doc = json.loads(path.read_bytes())
+        return SpoolState(tuple(doc["shipped"]), tuple(doc["resume"]),  # type: ignore[arg-type]
+                          {k: Head(int(v[0]), str(v[1])) for k, v in doc.get("heads", {}).items()})
+    except FileNotFoundError:
+        return SpoolState()
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        # Replaced atomically, so this is damage: replay everything (duplicates are replaced).
+        log.error("audit spool %s is unreadable (%s): replaying the whole spool", path, exc)
+        return SpoolState()
+
+
+def save_state(directory: Path, state: SpoolState) -> None:
+    tmp = directory / (STATE_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, state.to_json())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / STATE_FILE)
+    _fsync_dir(directory)
+
+
+def shipped_heads(directory: Path) -> dict[str, int]:
+    """Highest seq per instance this spool has shipped (for ``chain.verify(expected_heads=...)``)."""
+    return {k: h.seq for k, h in load_state(directory).heads.items()}
+
+
+# ---------------------------------------------------------------------------- recovery
+@dataclasses.dataclass
+class Recovered:
+    state: SpoolState
+    sizes: dict[int, int]
+    open_begins: list[tuple[bytes, tuple[Any, ...]]]  # (call_id, begin row), oldest first
+    unshipped_rows: int
+    heads: dict[str, Head]
+    next_seg: int
+    damaged_segments: int
+
+
+def recover(directory: Path, instance: str) -> Recovered:
+    """Scan what previous runs left (blocking; the caller holds the LOCK)."""
+    state = load_state(directory)
+    segs = list_segments(directory)
+    for seg in [s for s in segs if s < state.resume[0]]:  # acked; the delete did not happen
+        segment_path(directory, seg).unlink(missing_ok=True)
+    segs = [s for s in segs if s >= state.resume[0]]
+    open_: dict[bytes, tuple[Pos, bytes, list[str]]] = {}
+    unshipped = damaged = 0
+    sizes: dict[int, int] = {}
+    for idx, seg in enumerate(segs):
+        path = segment_path(directory, seg)
+        columns = read_header(path)
+        if columns is None:
+            log.error("audit spool segment %s has no valid header: skipped", path.name)
+            damaged += 1
+            sizes[seg] = path.stat().st_size
+            continue
+        start = state.resume[1] if seg == state.resume[0] else 0
+        scan = ScanResult()
+        for kind, cid, payload, off, _ in iter_records(path, start, None, scan):
+            if kind == BEGIN:
+                open_[cid] = ((seg, off), payload, columns)
+            elif kind == COMPLETE:
+                open_.pop(cid, None)
+                if (seg, off) >= state.shipped:
+                    unshipped += 1
+        if scan.status != "eof":
+            if idx == len(segs) - 1:
+                log.warning("audit spool: cutting a %s tail off %s at byte %d (the gateway stopped mid-write)",
+                            scan.status, path.name, scan.good_end)
+                os.truncate(path, scan.good_end)
+            else:
+                log.error("audit spool: %s record in %s at byte %d; the rest of that segment is skipped",
+                          scan.status, path.name, scan.good_end)
+                damaged += 1
+        sizes[seg] = path.stat().st_size
+    begins = []
+    for cid, (_, payload, columns) in sorted(open_.items(), key=lambda kv: kv[1][0]):
+        begins.append((cid, _decoder(columns)(payload)))
+    need = {instance} | {row[INSTANCE] for _, row in begins}
+    heads = {k: v for k, v in state.heads.items()}
+    found = _heads_from_segments(directory, segs, need)
+    for name, head in found.items():
+        if name not in heads or head.seq > heads[name].seq:
+            heads[name] = head
+    next_seg = max([*segs, state.resume[0], state.shipped[0]]) + 1
+    return Recovered(state, sizes, begins, unshipped, heads, next_seg, damaged)
+
+
+def _heads_from_segments(directory: Path, segs: list[int], need: set[str]) -> dict[str, Head]:
+    """The last chained row of each needed instance, searching segments from the newest."""
+    found: dict[str, Head] = {}
+    for seg in reversed(segs):
+        path = segment_path(directory, seg)
+        columns = read_header(path)
+        if columns is None:
+            continue
+        decode = _decoder(columns)
+        completes = [payload for kind, _, payload, _, _ in iter_records(path, 0, None, ScanResult())
+                     if kind == COMPLETE]
+        for payload in reversed(completes):
+            row = decode(payload)
+            name = row[INSTANCE]
+            if name in need and name not in found and row[SEQ] > 0:
+                found[name] = Head(int(row[SEQ]), str(row[ROW_HASH]))
+                if len(found) == len(need):
+                    return found
+    return found
+
+
+# ---------------------------------------------------------------------------- the spool
+@dataclasses.dataclass(slots=True)
+class _OpenCall:
+    payload: bytes
+    seg: int | None  # segment holding its latest BEGIN; None while that is not yet written
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    rows: list[tuple[Any, ...]]
+    end: Pos
+    token: str
+
+
+class AuditSpool:
+    """Durable audit: ``await begin(row)`` before the upstream, ``submit(row)`` when done.
+
+    Counters for /readyz and /metrics: ``depth`` (rows not yet in the store), ``bytes`` (on
+    disk and queued), ``dropped``, ``healthy``, ``full``; :meth:`status` has them all.
+    """
+
+    MAX_BACKOFF_SECONDS = 5.0
+    ERROR_LOG_INTERVAL_SECONDS = 10.0
+
+    def __init__(self, store: "Store", directory: Path, *, instance: str, batch_size: int = 2000,
+                 flush_interval_seconds: float = 0.2, spool_max_bytes: int = 1 << 30,
+                 required: bool = False, fsync: bool = True, segment_bytes: int = 16 << 20,
+                 begin_timeout_seconds: float = 2.0, retry_min_seconds: float = 0.05) -> None:
+        if batch_size < 1 or flush_interval_seconds <= 0 or spool_max_bytes < 1 or segment_bytes < 4096:
+            raise ValueError("batch_size and spool_max_bytes >= 1, flush_interval_seconds > 0, "
+                             "segment_bytes >= 4096")
+        self._store = store
+        self.directory = Path(directory)
+        self.instance = instance
+        self.batch_size = batch_size
+        self.flush_interval_seconds = flush_interval_seconds
+        self.spool_max_bytes = spool_max_bytes
+        self.required = required
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.begin_timeout_seconds = begin_timeout_seconds
+        self.retry_min_seconds = retry_min_seconds
+        self._chain: Chain | None = None
+        self._log: SegmentWriter | None = None
+        self._lock_fd = -1
+        self._io: ThreadPoolExecutor | None = None  # the writer's thread
+        self._ship_io: ThreadPoolExecutor | None = None  # the shipper's thread
+        # writer
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._pending_cids: list[bytes] = []  # BEGINs in _pending (their segment is learned on write)
+        self._begin_waiters: list[asyncio.Future[None]] = []
+        self._flushers: list[asyncio.Future[Pos]] = []
+        self._open: dict[bytes, _OpenCall] = {}
+        self._synced: Pos = (0, 0)
+        self._sizes: dict[int, int] = {}
+        self._disk_bytes = 0
+        self._write_ok = True
+        # shipper
+        self._read_pos: Pos = (0, 0)
+        self._skip_before: Pos = (0, 0)
+        self._shipped_state = SpoolState()
+        self._ship_open: collections.OrderedDict[bytes, Pos] = collections.OrderedDict()
+        self._headers: dict[int, list[str] | None] = {}
+        self._ship_waiters: list[tuple[Pos, asyncio.Future[None]]] = []
+        self._store_ok = True
+        # counters
+        self._rows_pending = 0
+        self._written = 0
+        self._batches = 0
+        self._failed_batches = 0
+        self._dropped = 0
+        self._drops_unreported = 0
+        self._last_drop_log = float("-inf")
+        self._last_error_log: dict[str, float] = {}
+        self._begins = 0
+        self._carried = 0
+        self.recovered_incomplete = 0
+        # lifecycle
+        self._wake_writer = asyncio.Event()
+        self._wake_shipper = asyncio.Event()
+        self._retry_now = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._close_deadline = float("inf")
+        self._writer_task: asyncio.Task[None] | None = None
+        self._shipper_task: asyncio.Task[None] | None = None
+
+    # -- counters ---------------------------------------------------------------------
+    @property
+    def store(self) -> "Store":
+        return self._store
+
+    @store.setter
+    def store(self, store: "Store") -> None:
+        """Ship to another store from now on (and retry at once)."""
+        self._store = store
+        self._retry_now.set()
+
+    @property
+    def depth(self) -> int:
+        """Rows accepted (or recovered) and not yet in the store."""
+        return self._rows_pending
+
+    @property
+    def bytes(self) -> int:
+        """Spool size: segment files on disk plus records queued for the next write."""
+        return self._disk_bytes + self._pending_bytes
+
+    @property
+    def full(self) -> bool:
+        return self.bytes >= self.spool_max_bytes
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    @property
+    def written(self) -> int:
+        """Rows inserted into the store by this process."""
+        return self._written
+
+    @property
+    def batches_written(self) -> int:
+        return self._batches
+
+    @property
+    def failed_batches(self) -> int:
+        return self._failed_batches
+
+    @property
+    def fsyncs(self) -> int:
+        return self._log.syncs if self._log else 0
+
+    @property
+    def begins(self) -> int:
+        return self._begins
+
+    @property
+    def healthy(self) -> bool:
+        """The spool is writable and the store takes inserts (a backlog may exist)."""
+        return self._write_ok and self._store_ok and not self._closed
+
+    def status(self) -> dict[str, Any]:
+        return {"depth": self.depth, "bytes": self.bytes, "max_bytes": self.spool_max_bytes,
+                "full": self.full, "dropped": self.dropped, "required": self.required,
+                "healthy": self.healthy, "spool_writable": self._write_ok, "store_reachable": self._store_ok,
+                "written": self.written, "failed_batches": self.failed_batches}
+
+    # -- request path -----------------------------------------------------------------
+    async def begin(self, row: tuple[Any, ...]) -> None:
+        """Durably record a call about to be forwarded (group-committed fsync).
+
+        Raises AuditUnavailable in required mode when the record cannot be made durable
+        (spool full, spool unwritable, closed, or not synced within begin_timeout_seconds);
+        otherwise such a record is dropped and counted and the call goes ahead.
+        """
+        problem = self._refusal()
+        if problem is None:
+            try:
+                cid = _call_id_bytes(row[CALL_ID])
+                rec = encode_record(BEGIN, cid, encode_row(row))
+            except Exception as exc:  # a row that cannot be encoded is a bug: never let it pass silently
+                problem = f"audit record could not be encoded: {_describe(exc)}"
+            else:
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._open[cid] = _OpenCall(rec[_REC.size + _MIN_BODY:], None)
+                self._append(rec, begin=(cid, fut))
+                self._begins += 1
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), self.begin_timeout_seconds)
+                    return
+                except SpoolWriteError as exc:
+                    problem = str(exc)
+                except asyncio.TimeoutError:
+                    # The record is queued and lands when the disk catches up.
+                    problem = f"audit spool did not sync within {self.begin_timeout_seconds}s"
+                    if not self.required:
+                        self._log_error("slow", problem)
+                        return
+        if self.required:
+            raise AuditUnavailable(problem)
+        self._drop(problem)
+
+    def _refusal(self) -> str | None:
+        if self._closing or self._chain is None:
+            return "audit spool is not running"
+        if not self._write_ok:
+            return "audit spool cannot be written (see the error log)"
+        if self.full:
+            return f"audit spool is full ({self.bytes} of {self.spool_max_bytes} bytes: is the store down?)"
+        return None
+
+    def submit(self, row: tuple[Any, ...]) -> None:
+        """Record a finished call: O(1) on the loop, never blocks, never raises."""
+        try:
+            cid = _call_id_bytes(row[CALL_ID])
+            began = self._open.pop(cid, None) is not None
+            if self._closing or self._chain is None:
+                self._drop("audit spool is not running")
+                return
+            # A call that was forwarded always gets its COMPLETE; the quota holds back the rest.
+            if not began and self.full:
+                self._drop(f"audit spool is full ({self.bytes} of {self.spool_max_bytes} bytes)")
+                return
+            self._complete(cid, row)
+        except Exception as exc:  # never let auditing break a request
+            self._dropped += 1
+            self._log_error("submit", f"audit row not recorded: {_describe(exc)}")
+
+    def _complete(self, cid: bytes, row: tuple[Any, ...]) -> None:
+        assert self._chain is not None
+        sealed = self._chain.seal(row)
+        self._append(encode_record(COMPLETE, cid, encode_row(sealed)))
+        self._rows_pending += 1
+
+    def _append(self, rec: bytes, *, begin: tuple[bytes, asyncio.Future[None]] | None = None) -> None:
+        self._pending.append(rec)
+        self._pending_bytes += len(rec)
+        if begin is not None:
+            self._pending_cids.append(begin[0])
+            self._begin_waiters.append(begin[1])
+            self._wake_writer.set()
+        elif len(self._pending) == 1:
+            self._wake_writer.set()
+
+    def _drop(self, why: str) -> None:
+        self._dropped += 1
+        self._drops_unreported += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= self.ERROR_LOG_INTERVAL_SECONDS:
+            self._last_drop_log = now
+            log.error("audit record(s) dropped: %s (%d now, %d in total)", why, self._drops_unreported,
+                      self._dropped)
+            self._drops_unreported = 0
+
+    def _log_error(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log.get(key, float("-inf")) >= self.ERROR_LOG_INTERVAL_SECONDS:
+            self._last_error_log[key] = now
+            log.error("%s", message)
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Take the spool's lock, recover what a previous run left, start writing and shipping."""
+        if self._writer_task is not None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="agentgate-spool-write")
+        self._ship_io = ThreadPoolExecutor(1, thread_name_prefix="agentgate-spool-ship")
+        loop = asyncio.get_running_loop()
+        try:
+            rec = await loop.run_in_executor(self._io, recover, self.directory, self.instance)
+            if self.instance not in rec.heads and self._store.is_open:
+                try:  # a new spool for an instance the store already knows: continue its chain
+                    head = await asyncio.wait_for(
+                        self._store.run(last_head, self._store.database, self.instance), 10)
+                    if head is not None:
+                        rec.heads[self.instance] = head
+                except Exception as exc:
+                    log.warning("audit chain of %s starts anew: store not readable (%s)",
+                                self.instance, _describe(exc))
+            self._log = SegmentWriter(self.directory, rec.next_seg, self.segment_bytes, self.fsync)
+            header_size = await loop.run_in_executor(self._io, self._log.open, rec.next_seg)
+        except BaseException:
+            self._shutdown_io()
+            raise
+        self._chain = Chain(rec.heads)
+        self._sizes = {**rec.sizes, rec.next_seg: header_size}
+        self._disk_bytes = sum(self._sizes.values())
+        self._synced = (rec.next_seg, header_size)
+        self._shipped_state = SpoolState(rec.state.shipped, rec.state.resume, dict(rec.state.heads))
+        self._read_pos = rec.state.resume
+        self._skip_before = rec.state.shipped
+        self._rows_pending = rec.unshipped_rows
+        for cid, row in rec.open_begins:
+            self._complete(cid, incomplete_row(row))
+        self.recovered_incomplete = len(rec.open_begins)
+        if rec.unshipped_rows or rec.open_begins or rec.damaged_segments:
+            log.warning("audit spool %s: %d row(s) from a previous run to ship, %d call(s) recorded as "
+                        "incomplete, %d damaged segment(s)", self.directory, rec.unshipped_rows,
+                        len(rec.open_begins), rec.damaged_segments)
+        self._writer_task = asyncio.create_task(self._write_loop(), name="agentgate-spool-writer")
+        self._shipper_task = asyncio.create_task(self._ship_loop(), name="agentgate-spool-shipper")
+
+    def _lock(self) -> None:
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"audit spool {self.directory} is in use by another gateway process") from None
+        self._lock_fd = fd
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every row recorded before this call is in the store."""
+        if self._closed or self._writer_task is None:
+            return
+
+        async def _wait() -> None:
+            fut: asyncio.Future[Pos] = asyncio.get_running_loop().create_future()
+            self._flushers.append(fut)
+            self._wake_writer.set()
+            end = await fut
+            if self._shipped_state.shipped >= end or self._read_pos >= end and not self._ship_open_rows():
+                return
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._ship_waiters.append((end, done))
+            self._wake_shipper.set()
+            await done
+
+        await asyncio.wait_for(_wait(), timeout)
+
+    def _ship_open_rows(self) -> bool:
+        return self._rows_pending > 0
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting records, sync what is queued, ship what the store takes within
+        ``timeout``; whatever is left stays in the spool for the next start."""
+        if self._closed:
+            return
+        self._closing = True
+        self._close_deadline = time.monotonic() + timeout
+        self._wake_writer.set()
+        self._wake_shipper.set()
+        self._retry_now.set()
+        for task in (self._writer_task, self._shipper_task):
+            if task is None:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.shield(task), max(0.0, self._close_deadline - time.monotonic()))
+            except (asyncio.TimeoutError, Exception):
+                task.cancel()
+                try:
+                    await task
+                except BaseException:
+                    pass
+        if self._pending:
+            log.error("audit spool closed with %d record(s) not written", len(self._pending))
+            self._dropped += len(self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+        if self._rows_pending:
+            log.warning("audit spool closed with %d row(s) not yet shipped; they ship at the next start",
+                        self._rows_pending)
+        self._finish()
+
+    async def abandon(self) -> None:
+        """Stop dead, as a crash would: queued records are lost, nothing is flushed (tests)."""
+        for task in (self._writer_task, self._shipper_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except BaseException:
+                    pass
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._finish()
+
+    def _finish(self) -> None:
+        self._closing = self._closed = True
+        for fut in [*self._begin_waiters, *self._flushers, *(f for _, f in self._ship_waiters)]:
+            if not fut.done():
+                fut.set_exception(SpoolWriteError("audit spool closed")) if fut in self._begin_waiters \
+                    else fut.cancel()
+        self._begin_waiters, self._flushers, self._ship_waiters = [], [], []
+        if self._log is not None and self._io is not None:
+            try:
+                self._io.submit(self._log.close, sync=True).result(timeout=10)
+            except Exception as exc:
+                log.error("audit spool: closing the segment failed: %s", _describe(exc))
+        self._shutdown_io()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    def _shutdown_io(self) -> None:
+        for ex in (self._io, self._ship_io):
+            if ex is not None:
+                ex.shutdown(wait=False)
+        self._io = self._ship_io = None
+
+    # -- writer task ------------------------------------------------------------------
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.retry_min_seconds
+        while True:
+            if not self._pending:
+                self._release_flushers()
+                if self._closing:
+                    return
+                self._wake_writer.clear()
+                await self._wake_writer.wait()
+                continue
+            if not self._begin_waiters and not self._flushers and not self._closing:
+                self._wake_writer.clear()  # completes only: let them gather, unless a begin comes
+                try:
+                    await asyncio.wait_for(self._wake_writer.wait(), self.flush_interval_seconds)
+                except asyncio.TimeoutError:
+                    pass
+            data = b"".join(self._pending)
+            cids, waiters = self._pending_cids, self._begin_waiters
+            self._pending, self._pending_bytes, self._pending_cids, self._begin_waiters = [], 0, [], []
+            assert self._log is not None and self._io is not None
+            try:
+                seg, end = await loop.run_in_executor(self._io, self._log.append, data)
+            except Exception as exc:
+                self._write_ok = False
+                self._pending.insert(0, data)  # retried, in order, ahead of newer records
+                self._pending_bytes += len(data)
+                self._pending_cids[:0] = cids
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(SpoolWriteError(f"audit spool write failed: {_describe(exc)}"))
+                self._log_error("write", f"audit spool write of {len(data)} bytes failed "
+                                         f"(retrying in {delay:.2f}s): {_describe(exc)}")
+                if self._closing and time.monotonic() >= self._close_deadline:
+                    return
+                await self._sleep(delay)
+                delay = min(delay * 2, self.MAX_BACKOFF_SECONDS)
+                continue
+            delay = self.retry_min_seconds
+            self._write_ok = True
+            self._disk_bytes += end - self._sizes.get(seg, 0)
+            self._sizes[seg] = end
+            self._synced = (seg, end)
+            for cid in cids:
+                call = self._open.get(cid)
+                if call is not None and call.seg is None:
+                    call.seg = seg
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._release_flushers()
+            self._wake_shipper.set()
+
+    def _release_flushers(self) -> None:
+        flushers, self._flushers = self._flushers, []
+        for fut in flushers:
+            if not fut.done():
+                fut.set_result(self._synced)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Back off, cut short by close() or a new store."""
+        self._retry_now.clear()
+        if self._closing:
+            seconds = min(seconds, max(0.0, self._close_deadline - time.monotonic()))
+        try:
+            await asyncio.wait_for(self._retry_now.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # -- shipper task -----------------------------------------------------------------
+    async def _ship_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._read_pos >= self._synced:
+                if self._closing and (self._writer_task is None or self._writer_task.done()):
+                    return
+                self._wake_shipper.clear()
+                await self._wake_shipper.wait()
+                continue
+            if self._rows_pending < self.batch_size and not self._ship_waiters and not self._closing:
+                self._wake_shipper.clear()  # let a batch gather
+                try:
+                    await asyncio.wait_for(self._wake_shipper.wait(), self.flush_interval_seconds)
+                except asyncio.TimeoutError:
+                    pass
+            assert self._ship_io is not None
+            batch = await loop.run_in_executor(self._ship_io, self._read_batch, self._synced,
+                                               sorted(self._sizes))
+            if batch.rows and not await self._insert(batch):
+                return  # closing with the store down: the spool keeps the rows
+            await self._commit(batch)
+
+    def _read_batch(self, limit: Pos, segs: list[int]) -> _Batch:
+        """Read records from the read position up to ``limit`` (blocking, shipper thread)."""
+        rows: list[tuple[Any, ...]] = []
+        digest = hashlib.sha256()
+        pos = self._read_pos
+        while pos < limit and len(rows) < self.batch_size:
+            seg, off = pos
+            if seg not in self._sizes:
+                later = [s for s in segs if s > seg]
+                pos = (later[0], 0) if later and later[0] <= limit[0] else limit
+                continue
+            path = segment_path(self.directory, seg)
+            if seg not in self._headers:
+                self._headers[seg] = read_header(path)
+            columns = self._headers[seg]
+            end = limit[1] if seg == limit[0] else None
+            if columns is None:
+                log.error("audit spool segment %s has no valid header: skipped", path.name)
+                pos = (seg + 1, 0) if seg < limit[0] else limit
+                continue
+            decode = _decoder(columns)
+            scan = ScanResult()
+            full = False
+            for kind, cid, payload, roff, rend in iter_records(path, off, end, scan):
+                if kind == BEGIN:
+                    self._ship_open[cid] = (seg, roff)
+                    self._ship_open.move_to_end(cid)
+                elif kind == COMPLETE:
+                    self._ship_open.pop(cid, None)
+                    if (seg, roff) >= self._skip_before:
+                        rows.append(decode(payload))
+                        digest.update(payload)
+                pos = (seg, rend)
+                if len(rows) >= self.batch_size:
+                    full = True
+                    break
+            if full:
+                break
+            if scan.status != "eof":
+                log.error("audit spool: %s record in %s at byte %d; the rest of that segment is skipped",
+                          scan.status, path.name, scan.good_end)
+            if seg < limit[0]:
+                self._headers.pop(seg, None)
+                pos = (seg + 1, 0)
+            else:
+                pos = limit
+        return _Batch(rows, pos, digest.hexdigest())
+
+    async def _insert(self, batch: _Batch) -> bool:
+        """Insert until it succeeds; False if closing cut the retries short."""
+        delay = self.retry_min_seconds
+        attempt = 0
+        settings = {"insert_deduplication_token": f"agentgate-spool-{batch.token}"}
+        while True:
+            attempt += 1
+            store = self._store
+            try:
+                if not store.is_open:
+                    await store.open()
+                await store.run(_insert, store.database, batch.rows, settings)
+                self._store_ok = True
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._store_ok = False
+                self._failed_batches += 1
+                self._log_error("insert", f"audit insert of {len(batch.rows)} row(s) failed (attempt {attempt}, "
+                                          f"{self.depth} row(s) spooled, retrying): {_describe(exc)}")
+            if self._closing and time.monotonic() >= self._close_deadline:
+                return False
+            await self._sleep(delay)
+            delay = min(delay * 2, self.MAX_BACKOFF_SECONDS)
+
+    async def _commit(self, batch: _Batch) -> None:
+        """Record the position (durably) and delete segments nothing points into any more."""
+        heads = self._shipped_state.heads
+        for row in batch.rows:
+            if row[SEQ] > 0:
+                heads[row[INSTANCE]] = Head(int(row[SEQ]), str(row[ROW_HASH]))
+        self._read_pos = batch.end
+        resume = next(iter(self._ship_open.values()), batch.end)
+        state = SpoolState(batch.end, resume, dict(heads))
+        obsolete = [s for s in self._sizes if s < resume[0]]
+        assert self._ship_io is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._ship_io, self._save_and_delete, state, obsolete)
+        except OSError as exc:  # the rows are in the store; a replay after a crash is harmless
+            self._log_error("state", f"audit spool state not saved: {_describe(exc)}")
+        else:
+            for seg in obsolete:
+                self._disk_bytes -= self._sizes.pop(seg, 0)
+        self._shipped_state = state
+        self._rows_pending -= len(batch.rows)
+        self._written += len(batch.rows)
+        if batch.rows:
+            self._batches += 1
+        keep = []
+        for end, fut in self._ship_waiters:
+            if end <= batch.end:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((end, fut))
+        self._ship_waiters = keep
+        self._carry_forward()
+
+    def _save_and_delete(self, state: SpoolState, obsolete: list[int]) -> None:
+        save_state(self.directory, state)
+        for seg in obsolete:
+            segment_path(self.directory, seg).unlink(missing_ok=True)
+            self._headers.pop(seg, None)
+
+    def _carry_forward(self) -> None:
+        """Copy the BEGIN of a call still running into the current segment when it is the
+        only thing keeping an older segment alive."""
+        for cid, (seg, _) in self._ship_open.items():
+            if seg >= self._read_pos[0]:
+                break
+            call = self._open.get(cid)
+            if call is not None and call.seg is not None and call.seg <= seg:
+                call.seg = None
+                self._append(encode_record(BEGIN, cid, call.payload))
+                self._carried += 1
