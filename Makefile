@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The MCP SDK's own venv, for the MCP tests only: mcp needs h11>=0.16, mitmproxy 11 pins h11<=0.14.
+MCP_STAMP := .venv-mcp/.installed
 
-.PHONY: run test install tools lock bench clean
+.PHONY: run test install tools lock lock-mcp bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +16,9 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(MCP_STAMP): requirements-mcp.lock tests/mcp_harness/env.py
+	$(PYTHON) tests/mcp_harness/env.py
 
 run: $(STAMP)
 	$(VENV)/bin/agentgate run
@@ -25,7 +30,7 @@ tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; \
 	  else echo "make test needs Compose: apt-get install docker-compose" >&2; exit 1; fi; }
 
-test: $(STAMP) tools
+test: $(STAMP) $(MCP_STAMP) tools
 	$(PY) -m pytest -q
 
 # Regenerate the lock after changing dependencies in pyproject.toml (needs pip-tools).
@@ -34,5 +39,9 @@ lock:
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test \
 		-o requirements.lock pyproject.toml requirements-build.in
 
+lock-mcp:
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+		--no-emit-find-links -o requirements-mcp.lock tests/mcp_harness/requirements-mcp.in
+
 clean:
-	rm -rf $(VENV) .agentgate
+	rm -rf $(VENV) .venv-mcp .agentgate

@@ -6,17 +6,20 @@ is for); everything else — identity, policy, audit — is the core pipeline's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
 from dataclasses import dataclass
 from collections.abc import Sequence
+from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 
 from gateway.errors import CALL_ID_HEADER, GatewayError, UpstreamError, error_body
 from gateway.models import Call, GatewayRequest, Identity
 from gateway.pipeline import Pipeline
+from gateway.redaction import NotRedactable
 
 log = logging.getLogger("agentgate.forward")
 
@@ -34,7 +37,7 @@ def _split_path(raw: bytes) -> tuple[str, str]:
 
 
 def _sent(flow: http.HTTPFlow) -> int:
-    counter: _ByteCounter | None = flow.metadata.get("agentgate.counter")
+    counter: _StreamRelay | None = flow.metadata.get("agentgate.counter")
     if counter is not None:
         return counter.count
     return len(flow.response.raw_content or b"") if flow.response else 0
@@ -54,17 +57,33 @@ def _cut_connection(flow: http.HTTPFlow) -> None:
             io.handler.cancel("agent suspended by kill-switch")
 
 
-class _ByteCounter:
-    """A pass-through ``response.stream`` callable that counts what the agent was sent."""
+class _StreamRelay:
+    """The ``response.stream`` callable: counts what the agent is sent and, when the decision
+    asks for redaction, redacts an event stream event by event. mitmproxy calls it with each
+    chunk and finally with ``b""``."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "sse", "flow", "failure")
 
-    def __init__(self) -> None:
+    def __init__(self, sse: Any, flow: http.HTTPFlow) -> None:
         self.count = 0
+        self.sse = sse
+        self.flow = flow
+        self.failure: NotRedactable | None = None
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        # An empty bytes object would be relayed as an empty chunk, which ends an HTTP/1
+        # chunked body: "nothing to send yet" is an empty list.
+        if self.sse is not None and self.failure is None:
+            try:
+                chunk = self.sse.feed(chunk) if chunk else self.sse.close()
+            except NotRedactable as exc:  # nothing more of this stream may reach the agent
+                self.failure = exc
+                asyncio.get_running_loop().call_soon(_cut_connection, self.flow)
+                return []
+        elif self.failure is not None:
+            return []
         self.count += len(chunk)
-        return chunk
+        return chunk if chunk else []
 
 
 @dataclass(slots=True)
@@ -141,17 +160,66 @@ class AgentGate:
             return
         flow.response.headers[CALL_ID_HEADER] = call.call_id
         ctype = flow.response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if ctype in self._stream_types or flow.response.stream:
-            counter = _ByteCounter()
+        sse = None
+        if call.redaction is not None:
+            try:
+                sse = self._plan_response_redaction(flow, call, ctype)
+            except GatewayError as err:  # must be redacted, cannot be: the agent gets nothing
+                self.pipeline.fail(call, err)
+                flow.kill()
+                return
+            if sse is None and not flow.response.stream:
+                return  # buffered; the response hook redacts it
+        if ctype in self._stream_types or flow.response.stream or sse is not None:
+            counter = _StreamRelay(sse, flow)
             flow.metadata["agentgate.counter"] = counter
             flow.response.stream = counter
             self.pipeline.streams.add(call, lambda: _cut_connection(flow))
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def _plan_response_redaction(self, flow: http.HTTPFlow, call: Call, ctype: str) -> Any:
+        """An SSE redactor for event streams; otherwise buffer the body for the response hook
+        (or, when it is too large to inspect and the proxy lets it pass, stream it as is)."""
+        assert flow.response is not None
+        encoding = flow.response.headers.get("content-encoding")
+        try:
+            if ctype == "text/event-stream":
+                return call.redaction.sse(encoding)
+            limit = self.pipeline.cfg.redaction.max_inspect_bytes
+            declared = flow.response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise NotRedactable("too_large", f"body exceeds {limit} bytes")
+        except NotRedactable as exc:
+            self.pipeline.unredactable(call, exc)  # raises unless passing is allowed
+            return None
+        flow.response.stream = False
+        return None
+
+    async def response(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
-        if call is None or flow.response is None:
+        if call is None or flow.response is None or call.finished:
             return
         self.pipeline.streams.discard(call)
+        relay: _StreamRelay | None = flow.metadata.get("agentgate.counter")
+        if relay is not None and relay.sse is not None:
+            self.pipeline.record_redaction(call, relay.sse.report)
+            if relay.failure is not None:
+                self.pipeline.fail(call, GatewayError(
+                    f"stream cut: an event cannot be redacted ({relay.failure.reason})",
+                    code="response_not_redactable", status=flow.response.status_code, outcome="redaction_failed"))
+                return
+        elif call.redaction is not None and relay is None:
+            resp = flow.response
+            try:
+                body = await self.pipeline.redact(call, resp.raw_content or b"",
+                                                  content_type=resp.headers.get("content-type", ""),
+                                                  content_encoding=resp.headers.get("content-encoding"))
+            except GatewayError as err:
+                self._refuse(flow, call, err)
+                return
+            if body is not resp.raw_content:
+                resp.raw_content = body
+                if "content-length" in resp.headers:
+                    resp.headers["content-length"] = str(len(body))
         self.pipeline.finish(call, status=flow.response.status_code, response_bytes=_sent(flow))
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -159,6 +227,16 @@ class AgentGate:
         if call is None or call.finished:
             return
         self.pipeline.streams.discard(call)
+        relay: _StreamRelay | None = flow.metadata.get("agentgate.counter")
+        if relay is not None and relay.failure is not None:
+            call.response_bytes = relay.count
+            if relay.sse is not None:
+                self.pipeline.record_redaction(call, relay.sse.report)
+            self.pipeline.fail(call, GatewayError(
+                f"stream cut: an event cannot be redacted ({relay.failure.reason})",
+                code="response_not_redactable", status=flow.response.status_code if flow.response else 0,
+                outcome="redaction_failed"))
+            return
         if call.killswitch_id:
             call.response_bytes = _sent(flow)
             status = flow.response.status_code if flow.response else 0

@@ -44,6 +44,7 @@ async def audit_lag(env: Env, scenario: Scenario) -> dict[str, Any]:
     opts = env.opts
     rate, seconds = opts.lag_rate, opts.lag_seconds
     cpu0 = procs.cpu_seconds(env.gateway.pid)
+    foreign = procs.ForeignLoad()
     load = asyncio.create_task(run_phase(env, scenario, connections=LAG_CONNECTIONS,
                                          requests=max(1, int(rate * seconds)), seconds=seconds,
                                          trace="bench-lag-load", rate=rate))
@@ -61,6 +62,7 @@ async def audit_lag(env: Env, scenario: Scenario) -> dict[str, Any]:
         samples.append(await _sample(env, target))
     result = await load
     cpu = procs.cpu_seconds(env.gateway.pid) - cpu0
+    other = foreign.cores()
     lags = sorted(s["lag_ms"] for s in samples if s["lag_ms"] is not None)
     return {
         "rate_target": rate, "rate_achieved": round(result.rps, 1), "connections": LAG_CONNECTIONS,
@@ -71,4 +73,5 @@ async def audit_lag(env: Env, scenario: Scenario) -> dict[str, Any]:
         "polls_max": max((s["polls"] for s in samples), default=0),
         "sample_errors": sum(1 for s in samples if s["status"] != 200),
         "gateway_cpu_utilisation": round(cpu / result.duration_s, 3) if result.duration_s else None,
+        "foreign_load_cores": other,
     }

@@ -107,16 +107,20 @@ async def measure(env: Env, scenario: Scenario) -> dict[str, Any]:
     # Loaded phase: CPU time is read after the audit query, which first flushes the phase's rows,
     # so the audit inserts are part of the cost per request.
     cpu0 = procs.cpu_seconds(scenario.pid) if scenario.pid else None
+    foreign = procs.ForeignLoad()
     loaded = await run_phase(env, scenario, connections=conns, requests=opts.requests,
                              seconds=opts.duration, trace=trace_id(scenario, f"c{conns}"))
+    out["foreign_load_cores"] = foreign.cores()
     if scenario.audited:
         out["audit_loaded"] = await audit_stats(env, trace_id(scenario, f"c{conns}"))
     if scenario.pid and cpu0 is not None:
         cpu = procs.cpu_seconds(scenario.pid) - cpu0
         out["cpu_us_per_request"] = round(cpu / loaded.requests * 1e6, 1) if loaded.requests else None
         out["cpu_utilisation"] = round(cpu / loaded.duration_s, 3) if loaded.duration_s else None
+    foreign = procs.ForeignLoad()
     single = await run_phase(env, scenario, connections=1, requests=opts.requests,
                              seconds=opts.duration, trace=trace_id(scenario, "c1"))
+    out["foreign_load_cores_single"] = foreign.cores()
     if scenario.audited:
         out["audit_single"] = await audit_stats(env, trace_id(scenario, "c1"))
     if scenario.pid:

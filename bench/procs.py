@@ -16,6 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
+_LIVE: set[int] = set()
+"""Children started by :func:`start` and not yet stopped (their CPU is the bench's own)."""
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Child:
         return self.proc.pid
 
     def stop(self, timeout: float = 20.0) -> None:
+        _LIVE.discard(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -101,6 +104,7 @@ def start(name: str, argv: Sequence[str], *, ready_prefix: str, log: Path, cpus:
         preexec_fn=child_setup(cpus))
     err.close()
     child = Child(name, proc, "", log)
+    _LIVE.add(proc.pid)
 
     def drain() -> None:
         assert proc.stdout is not None
@@ -128,6 +132,41 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of the bench, the children it reaped (wrk) and its live children."""
+    stat = Path("/proc/self/stat").read_text()
+    f = stat[stat.rindex(")") + 2:].split()
+    total = sum(int(x) for x in f[11:15]) / CLK_TCK
+    for pid in list(_LIVE):
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine spent busy so far (all cores, /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+class ForeignLoad:
+    """How busy the machine was with work that is not this bench's, over a phase (in cores):
+    other processes skew every number, so each phase reports it."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.busy0 = busy_cpu_seconds()
+        self.own0 = own_cpu_seconds()
+
+    def cores(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        foreign = (busy_cpu_seconds() - self.busy0) - (own_cpu_seconds() - self.own0)
+        return round(max(0.0, foreign) / elapsed, 2) if elapsed > 0 else 0.0
 
 
 def memory_kb(pid: int) -> dict[str, int]:

@@ -117,12 +117,13 @@ def _pair(a: Any, b: Any) -> str:
 
 def table(report: dict[str, Any]) -> str:
     head = ("| configuration | workload | generator | req/s @32 | × limit | p50 @1 ms | p99 @1 ms | p50 @32 ms "
-            "| p99 @32 ms | CPU µs/req | peak RSS MB | decision p50/p99 µs @1 | decision p50/p99 µs @32 |")
+            "| p99 @32 ms | CPU µs/req | peak RSS MB | decision p50/p99 µs @1 | decision p50/p99 µs @32 "
+            "| other load @32/@1 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in report["results"]:
         if "loaded" not in r:
             lines.append(f"| {r['config']} | {r['workload']} | – | error: {r.get('error', '?')[:80]} |"
-                         + " |" * 9)
+                         + " |" * 10)
             continue
         lo, si = r["loaded"], r["single"]
         lines.append(" ".join([
@@ -131,7 +132,8 @@ def table(report: dict[str, Any]) -> str:
             f"| {_ms(lo['p50_us'])} | {_ms(lo['p99_us'])} | {_num(r.get('cpu_us_per_request'))}",
             f"| {_num(r.get('peak_rss_mb'))}",
             f"| {_pair(_get(r, 'audit_single', 'decision_p50_us'), _get(r, 'audit_single', 'decision_p99_us'))}",
-            f"| {_pair(_get(r, 'audit_loaded', 'decision_p50_us'), _get(r, 'audit_loaded', 'decision_p99_us'))} |",
+            f"| {_pair(_get(r, 'audit_loaded', 'decision_p50_us'), _get(r, 'audit_loaded', 'decision_p99_us'))}",
+            f"| {_num(r.get('foreign_load_cores'), '{:.2f}')} / {_num(r.get('foreign_load_cores_single'), '{:.2f}')} |",
         ]))
     return "\n".join(lines)
 
@@ -154,7 +156,8 @@ def markdown(report: dict[str, Any]) -> str:
         out += ["", "× limit: req/s over the same workload's `direct` (route, redact) or `direct-tls` (forward, "
                 "mitm). CPU: utime+stime of the gateway (or mitmproxy) process over the 32-connection phase, "
                 "its audit inserts included. Peak RSS: VmHWM since the process started. Decision: the audit "
-                "column `decision_us`; at 32 connections it includes the wait for the event loop.", ""]
+                "column `decision_us`; at 32 connections it includes the wait for the event loop. Other load: "
+                "CPU (in cores) the machine spent on work that was not the bench's during the phase.", ""]
     targets = report.get("targets") or []
     if targets:
         out += ["## Targets", ""]
@@ -167,7 +170,8 @@ def markdown(report: dict[str, Any]) -> str:
         lag = report["lag"]
         out += ["## Audit lag", "",
                 f"{lag['rate_achieved']} req/s sustained in route mode (target {lag['rate_target']}, "
-                f"{lag['connections']} connections, gateway CPU {lag['gateway_cpu_utilisation']}); "
+                f"{lag['connections']} connections, gateway CPU {lag['gateway_cpu_utilisation']}, other load "
+                f"{lag.get('foreign_load_cores')} cores); "
                 f"{lag['visible']}/{lag['samples']} sampled calls visible: p50 {lag['lag_p50_ms']} ms, "
                 f"p99 {lag['lag_p99_ms']} ms, max {lag['lag_max_ms']} ms (at most {lag['polls_max']} polls). "
                 "The admin SQL API flushes the audit writer before each query, so this is the lag seen by "

@@ -22,23 +22,20 @@ from gateway.killswitch import KillSwitch, KillSwitches
 from gateway.metrics import Metrics
 from gateway.notify import Notifier
 from gateway.pipeline import Pipeline
+from gateway.redaction import Redactor, scrub_value
 from gateway.policy import make_engine
 from gateway.registry import AgentRegistry
 from gateway.routes import RouteFrontEnd
 from gateway.state_sync import StateSync
 from gateway.streams import OpenStreams
 from gateway.upstream import RouteUpstream
-from storage.audit import AuditWriter, redact_query
+from storage.audit import AuditWriter
 from storage.store import Store
 
 log = logging.getLogger("agentgate")
 
 MAX_REQUEST_BODY = 64 << 20
 
-
-def scrub_value(value: object) -> object:
-    """Placeholder until the redaction detectors land: approvals show arguments unchanged."""
-    return value
 
 
 @dataclass
@@ -89,7 +86,8 @@ class Gateway:
         self.events = AdminEvents(self.store, self.instance)
         self.pipeline = Pipeline(cfg, verifier=self.verifier, engine=self.engine, audit=self.audit,
                                  metrics=self.metrics, instance=self.instance, killswitches=self.killswitches,
-                                 approvals=self.approvals, streams=self.streams)
+                                 approvals=self.approvals, streams=self.streams,
+                                 redactor=Redactor(cfg.redaction))
         self.upstream = RouteUpstream(cfg)
         await self.upstream.start()
         routes = RouteFrontEnd(self.pipeline, self.upstream, max_body=MAX_REQUEST_BODY)

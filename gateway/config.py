@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.redaction.settings import RedactionSettings
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = PACKAGE_ROOT / "policies" / "agentgate.example.toml"
 ENV_PREFIX = "AGENTGATE_"
@@ -147,6 +149,9 @@ class RouteConfig(_Section):
     enforce: bool | None = None
     """Overrides policy.enforce for this route (False = shadow mode)."""
     fail_open: bool = False
+    unredactable: Literal["refuse", "pass"] = "refuse"
+    """A response that must be redacted but cannot be (too large, undecodable, unsupported type):
+    refuse it (502 response_not_redactable) or pass it unredacted (audited as such)."""
 
     @field_validator("upstream")
     @classmethod
@@ -198,6 +203,7 @@ class ProxyConfig(_Section):
     verify_upstream_tls: bool = True
     enforce: bool | None = None
     fail_open: bool = False
+    unredactable: Literal["refuse", "pass"] = "refuse"
     connection_idle_seconds: float = Field(default=300, gt=0)
 
 
@@ -217,6 +223,7 @@ class Config(BaseSettings):
     audit: AuditConfig = AuditConfig()
     proxy: ProxyConfig = ProxyConfig()
     approval: ApprovalConfig = ApprovalConfig()
+    redaction: RedactionSettings = RedactionSettings()
     state: StateConfig = StateConfig()
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
 
@@ -265,7 +272,7 @@ class Config(BaseSettings):
 def _resolve_paths(raw: Any, base: Path) -> Any:
     """Make relative path-valued keys in a TOML document relative to the file's directory."""
     path_keys = {"dir", "file", "ca_file", "hmac_secret_file", "jwks_ca_file", "registry_file",
-                 "upstream_ca_file", "data_dir"}
+                 "upstream_ca_file", "data_dir", "pseudonym_key_file"}
     if isinstance(raw, dict):
         out = {}
         for key, value in raw.items():

@@ -26,20 +26,23 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
+from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from gateway.errors import CALL_ID_HEADER, GatewayError
 from storage import ocsf
 from storage import queries as q
+from storage.store import StoreError
 
 if TYPE_CHECKING:
     from gateway.admin import AdminApi
     from gateway.models import Identity
 
 log = logging.getLogger("agentgate.admin")
+T = TypeVar("T")
 
 ROLES = frozenset({"responder", "admin"})
 DEFAULT_LIMIT = 1000
@@ -106,31 +109,33 @@ class Investigations:
             raise _bad(str(exc)) from None
 
     @staticmethod
-    def _agent(request: web.Request, *, required: bool) -> str | None:
-        agent = request.query.get("agent")
-        if agent is None or not agent.strip():
-            if required:
-                raise _bad("'agent' is required")
-            return None
-        return agent.strip()
+    def _agent(request: web.Request) -> str | None:
+        agent = request.query.get("agent", "").strip()
+        return agent or None
+
+    def _required_agent(self, request: web.Request) -> str:
+        agent = self._agent(request)
+        if agent is None:
+            raise _bad("'agent' is required")
+        return agent
 
     async def _answer(self, request: web.Request, action: str, target: str,
-                      work: Callable[["Identity"], Awaitable[dict[str, Any]]]) -> web.Response:
+                      work: Callable[[], Awaitable[dict[str, Any]]]) -> web.Response:
         actor = await self._begin(request, action, target)
         detail = request.query_string[:2000]
         try:
-            doc = await work(actor)
+            doc = await _store_errors(work())
         except GatewayError as err:
-            await self.api.events.record(actor, action, target, result="refused", detail=f"{err.code}: {detail}")
+            result = "refused" if err.status < 500 else "error"
+            await self.api.events.record(actor, action, target, result=result, detail=f"{err.code}: {detail}")
             raise
         await self.api.events.record(actor, action, target, detail=detail)
         return web.json_response(doc, dumps=lambda d: json.dumps(d, ensure_ascii=False))
 
     # -- questions -------------------------------------------------------------------------
     async def timeline(self, request: web.Request) -> web.Response:
-        async def work(_: "Identity") -> dict[str, Any]:
-            agent = self._agent(request, required=True)
-            assert agent is not None
+        async def work() -> dict[str, Any]:
+            agent = self._required_agent(request)
             window = self._window(request, "24h")
             limit = self._limit(request, self.api.sql_row_limit, DEFAULT_LIMIT)
             page = await self.api.store.run(q.timeline, await self._table(), agent, window, limit=limit)
@@ -140,7 +145,7 @@ class Investigations:
     async def trace(self, request: web.Request) -> web.Response:
         trace_id = request.match_info["trace_id"]
 
-        async def work(_: "Identity") -> dict[str, Any]:
+        async def work() -> dict[str, Any]:
             window = self._window(request, None) if request.query.get("since") else None
             limit = self._limit(request, self.api.sql_row_limit, DEFAULT_LIMIT)
             table = await self._table()
@@ -149,28 +154,27 @@ class Investigations:
         return await self._answer(request, "audit.trace", trace_id, work)
 
     async def denied(self, request: web.Request) -> web.Response:
-        async def work(_: "Identity") -> dict[str, Any]:
+        async def work() -> dict[str, Any]:
             window = self._window(request, "24h")
             shadow = request.query.get("shadow", "1") not in ("0", "false", "no")
             limit = self._limit(request, self.api.sql_row_limit, DEFAULT_LIMIT)
             page = await self.api.store.run(q.denied, await self._table(), window, limit=limit,
-                                            agent_id=self._agent(request, required=False), include_shadow=shadow)
+                                            agent_id=self._agent(request), include_shadow=shadow)
             return {**_window_json(window), "include_shadow": shadow, **_page_json(page, "groups")}
         return await self._answer(request, "audit.denied", request.query.get("agent", ""), work)
 
     async def outside_policy(self, request: web.Request) -> web.Response:
-        async def work(_: "Identity") -> dict[str, Any]:
+        async def work() -> dict[str, Any]:
             window = self._window(request, "7d")
             limit = self._limit(request, self.api.sql_row_limit, DEFAULT_LIMIT)
             page = await self.api.store.run(q.outside_policy, await self._table(), window, limit=limit,
-                                            agent_id=self._agent(request, required=False))
+                                            agent_id=self._agent(request))
             return {**_window_json(window), **_page_json(page, "groups")}
         return await self._answer(request, "audit.outside_policy", request.query.get("agent", ""), work)
 
     async def grants(self, request: web.Request) -> web.Response:
-        async def work(_: "Identity") -> dict[str, Any]:
-            agent = self._agent(request, required=True)
-            assert agent is not None
+        async def work() -> dict[str, Any]:
+            agent = self._required_agent(request)
             window = self._window(request, "30d")
             limit = self._limit(request, self.api.sql_row_limit, self.api.sql_row_limit)
             table = await self._table()
@@ -208,11 +212,12 @@ class Investigations:
                 raise _bad(f"'format' must be one of {', '.join(FORMATS)}")
             window = self._window(request, None)
             limit = self._limit(request, EXPORT_MAX_ROWS, EXPORT_MAX_ROWS)
-            agent = self._agent(request, required=False)
+            agent = self._agent(request)
+            table = await _store_errors(self._table())
         except GatewayError as err:
-            await self.api.events.record(actor, action, "", result="refused", detail=f"{err.code}: {detail}")
+            result = "refused" if err.status < 500 else "error"
+            await self.api.events.record(actor, action, "", result=result, detail=f"{err.code}: {detail}")
             raise
-        table = await self._table()
         # Durable before the first byte leaves: an export is never unlogged.
         await self.api.events.record(actor, action, agent or "", detail=detail)
         resp = web.StreamResponse(headers={
@@ -245,6 +250,15 @@ class Investigations:
             return resp
         await resp.write_eof()
         return resp
+
+
+async def _store_errors(work: Awaitable[T]) -> T:
+    """Store failures as a JSON 503 the CLI can show, not an aiohttp 500."""
+    try:
+        return await work
+    except (StoreError, ClickHouseError, LookupError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise GatewayError(f"audit store: {first}", code="store_error", status=503) from None
 
 
 def _window_json(window: q.Window) -> dict[str, Any]:

@@ -107,4 +107,8 @@ class Call:
     approver: str = ""
     decided_at_ns: int = 0
     killswitch_id: str = ""
+    redaction: Any = None
+    """The response redaction plan (gateway.redaction.Plan) the decision asked for, if any."""
+    redacted_paths: list[str] = field(default_factory=list)
+    redaction_counts: dict[str, int] = field(default_factory=dict)
     finished: bool = False

@@ -4,10 +4,12 @@
 
 Front ends translate their own request/response objects and call, in this order:
 
-* ``admit(call, credential)``: identity, then policy (kill-switch and approval slot in here);
-  raises :class:`GatewayError` when the call is refused;
+* ``admit(call, credential)``: identity, kill-switch, policy (which also compiles the
+  response redaction the decision asks for), approval; raises :class:`GatewayError` to refuse;
 * the upstream exchange: ``run()`` does it for the route front end with :class:`Upstream`;
   the forward proxy lets mitmproxy do it (that is what TLS interception is for);
+* ``redact(call, body, ...)`` on buffered responses, or ``call.redaction.sse()`` event by event
+  on streams, then ``record_redaction``;
 * ``finish(call, ...)``: exactly once per call, whatever happened — writes the audit row.
 """
 
@@ -32,6 +34,7 @@ from gateway.metrics import Metrics
 from gateway.models import Call, Decision, GatewayRequest, Identity
 from gateway.policy import PolicyEngine
 from gateway.policy.input import build_input
+from gateway.redaction import NotRedactable, RedactionReport, Redactor
 from gateway.streams import OpenStreams
 from storage.audit import AuditWriter, call_to_row
 
@@ -59,7 +62,7 @@ def trace_id_for(request: GatewayRequest) -> str:
 class Pipeline:
     def __init__(self, cfg: Config, *, verifier: JwtVerifier, engine: PolicyEngine,
                  audit: AuditWriter, metrics: Metrics, instance: str, killswitches: KillSwitches,
-                 approvals: Approvals, streams: OpenStreams) -> None:
+                 approvals: Approvals, streams: OpenStreams, redactor: Redactor) -> None:
         self.cfg = cfg
         self.verifier = verifier
         self.engine = engine
@@ -69,6 +72,7 @@ class Pipeline:
         self.killswitches = killswitches
         self.approvals = approvals
         self.streams = streams
+        self.redactor = redactor
         self._decision_hist = metrics.decision_seconds.labels(engine=engine.name)
 
     # -- the order -------------------------------------------------------------------
@@ -186,13 +190,60 @@ class Pipeline:
             raise Forbidden(f"policy_error: {problem}", code="policy_error", outcome="denied")
         call.decision = decision
         call.reasons = list(decision.reasons)
-        if decision.allow:
-            return
-        if not enforce:
+        if not decision.allow:
+            if enforce:
+                reason = "; ".join(decision.reasons) or "denied by policy"
+                raise Forbidden(reason, code="policy_denied", outcome="denied")
             call.outcome = "would_deny"
+        self._plan_redaction(call, decision)
+
+    def _plan_redaction(self, call: Call, decision: Decision) -> None:
+        """Compile the decision's redaction before anything goes upstream: a redaction the
+        gateway cannot apply (unknown detector, bad JSONPath) fails closed like any policy error."""
+        if not (decision.redact.fields or decision.redact.detectors):
             return
-        reason = "; ".join(decision.reasons) or "denied by policy"
-        raise Forbidden(reason, code="policy_denied", outcome="denied")
+        try:
+            call.redaction = self.redactor.plan(decision.redact.fields, decision.redact.detectors)
+        except ValueError as exc:  # UnknownDetector and InvalidFieldPath are ValueErrors
+            call.reasons = ["policy_error", f"redaction cannot be applied: {exc}"]
+            raise Forbidden(f"policy_error: redaction cannot be applied: {exc}", code="policy_error",
+                            outcome="denied") from None
+
+    # -- response stage: redaction ----------------------------------------------------
+    async def redact(self, call: Call, body: bytes, *, content_type: str, content_encoding: str | None) -> bytes:
+        """The body the agent may see. Raises GatewayError 502 ``response_not_redactable`` when
+        it must be redacted but cannot be, unless the route or proxy lets it pass (audited)."""
+        plan = call.redaction
+        if plan is None:
+            return body
+        try:
+            new, report = await plan.redact_body_async(body, content_type=content_type,
+                                                       content_encoding=content_encoding)
+        except NotRedactable as exc:
+            self.unredactable(call, exc)
+            return body
+        self.record_redaction(call, report)
+        return new
+
+    def unredactable(self, call: Call, exc: NotRedactable) -> None:
+        """Fail closed on a response that cannot be redacted, or record the audited pass."""
+        if self._unredactable_setting(call) == "pass":
+            call.reasons.append(f"response passed unredacted: {exc}")
+            call.redaction_counts["unredacted"] = 1
+            return
+        raise GatewayError(f"the response must be redacted but cannot be ({exc.reason}); refused",
+                           code="response_not_redactable", status=502, outcome="redaction_failed")
+
+    def _unredactable_setting(self, call: Call) -> str:
+        route = call.request.route
+        return self.cfg.routes[route].unredactable if route is not None else self.cfg.proxy.unredactable
+
+    def record_redaction(self, call: Call, report: RedactionReport) -> None:
+        for path in report.paths:
+            if len(call.redacted_paths) < 100:
+                call.redacted_paths.append(path)
+        for kind, n in report.counts.items():
+            call.redaction_counts[kind] = call.redaction_counts.get(kind, 0) + n
 
     def _check_killswitch(self, call: Call) -> None:
         assert call.identity is not None

@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from typing import Any
+
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.errors import CALL_ID_HEADER, GatewayError, error_body
 from gateway.models import Call, GatewayRequest
 from gateway.pipeline import Pipeline
+from gateway.redaction import NotRedactable
 from gateway.upstream import RouteUpstream, response_headers
 
 log = logging.getLogger("agentgate.routes")
@@ -109,51 +113,108 @@ class RouteFrontEnd:
         headers = response_headers(upstream)
         headers[CALL_ID_HEADER] = call.call_id
         length = upstream.content_length
-        streaming = length is None or length > _BUFFER_LIMIT or \
-            upstream.content_type == "text/event-stream"
+        is_sse = upstream.content_type == "text/event-stream"
+        sse = None
         try:
-            if not streaming:
+            if call.redaction is not None:
+                if is_sse:
+                    sse = self._sse_redactor(call, upstream)
+                elif not await self._must_stream_unredacted(call, length):
+                    return await self._relay_redacted(request, call, upstream, headers)
+            elif not (length is None or length > _BUFFER_LIMIT or is_sse):
                 try:
                     body = await upstream.read()
                 except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                    err = self._broken(call, exc)
-                    return error_response(err, call.call_id)
+                    return error_response(self._broken(call, exc), call.call_id)
                 self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
                 return web.Response(status=upstream.status, body=body, headers=headers)
-            resp = web.StreamResponse(status=upstream.status, headers=headers)
-            await resp.prepare(request)
-            cut = asyncio.Event()
-
-            def stop() -> None:  # a kill-switch ends the stream at once
-                cut.set()
-                upstream.close()
-
-            self.pipeline.streams.add(call, stop)
-            sent = 0
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
-                    sent += len(chunk)
-                if not cut.is_set():
-                    await resp.write_eof()
-            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                if not cut.is_set():
-                    call.response_bytes = sent
-                    self._broken(call, exc)
-                    raise  # headers are out: cutting the connection is the only honest signal
-            finally:
-                self.pipeline.streams.discard(call)
-            call.response_bytes = sent
-            if cut.is_set():
-                self.pipeline.fail(call, GatewayError("stream cut: agent suspended", code="agent_suspended",
-                                                      status=upstream.status, outcome="killed"))
-                if request.transport is not None:
-                    request.transport.close()
-                return resp
-            self.pipeline.finish(call, status=upstream.status, response_bytes=sent)
-            return resp
+            return await self._relay_stream(request, call, upstream, headers, sse)
+        except GatewayError as err:  # the response cannot be redacted and the route refuses it
+            self.pipeline.fail(call, err)
+            return error_response(err, call.call_id)
         finally:
             upstream.release()
+
+    def _sse_redactor(self, call: Call, upstream: aiohttp.ClientResponse) -> Any:
+        try:
+            return call.redaction.sse(upstream.headers.get("Content-Encoding"))
+        except NotRedactable as exc:
+            self.pipeline.unredactable(call, exc)  # raises unless the route lets it pass
+            return None
+
+    async def _must_stream_unredacted(self, call: Call, length: int | None) -> bool:
+        """A declared body too large to inspect: refused, or (route says pass) streamed as is."""
+        limit = self.pipeline.cfg.redaction.max_inspect_bytes
+        if length is not None and length > limit:
+            self.pipeline.unredactable(call, NotRedactable("too_large", f"body exceeds {limit} bytes"))
+            return True
+        return False
+
+    async def _relay_redacted(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
+                              headers: CIMultiDict[str]) -> web.StreamResponse:
+        limit = self.pipeline.cfg.redaction.max_inspect_bytes
+        try:
+            body, complete = await _read_bounded(upstream, limit)
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            return error_response(self._broken(call, exc), call.call_id)
+        if not complete:  # refused here, unless the route lets it pass: then stream it on as is
+            self.pipeline.unredactable(call, NotRedactable("too_large", f"body exceeds {limit} bytes"))
+            return await self._relay_stream(request, call, upstream, headers, None, prefix=body)
+        body = await self.pipeline.redact(call, body, content_type=upstream.headers.get("Content-Type", ""),
+                                          content_encoding=upstream.headers.get("Content-Encoding"))
+        self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
+        return web.Response(status=upstream.status, body=body, headers=headers)
+
+    async def _relay_stream(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
+                            headers: CIMultiDict[str], sse: Any, prefix: bytes = b"") -> web.StreamResponse:
+        resp = web.StreamResponse(status=upstream.status, headers=headers)
+        await resp.prepare(request)
+        if prefix:
+            await resp.write(prefix)
+        cut = asyncio.Event()
+
+        def stop() -> None:  # a kill-switch ends the stream at once
+            cut.set()
+            upstream.close()
+
+        self.pipeline.streams.add(call, stop)
+        sent = len(prefix)
+        failure: GatewayError | None = None
+        try:
+            async for chunk in upstream.content.iter_any():
+                out = sse.feed(chunk) if sse is not None else chunk
+                if out:
+                    await resp.write(out)
+                    sent += len(out)
+            if sse is not None and (tail := sse.close()):
+                await resp.write(tail)
+                sent += len(tail)
+            if not cut.is_set():
+                await resp.write_eof()
+        except NotRedactable as exc:
+            failure = GatewayError(f"stream cut: an event cannot be redacted ({exc.reason})",
+                                   code="response_not_redactable", status=upstream.status,
+                                   outcome="redaction_failed")
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            if not cut.is_set():
+                call.response_bytes = sent
+                self._broken(call, exc)
+                raise  # headers are out: cutting the connection is the only honest signal
+        finally:
+            self.pipeline.streams.discard(call)
+            if sse is not None:
+                self.pipeline.record_redaction(call, sse.report)
+        call.response_bytes = sent
+        if cut.is_set():
+            failure = GatewayError("stream cut: agent suspended", code="agent_suspended",
+                                   status=upstream.status, outcome="killed")
+        if failure is not None:
+            self.pipeline.fail(call, failure)
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        self.pipeline.finish(call, status=upstream.status, response_bytes=sent)
+        return resp
 
     def _broken(self, call: Call, exc: BaseException) -> GatewayError:
         call.reasons.append(f"upstream failed mid-response: {type(exc).__name__}")
@@ -161,3 +222,13 @@ class RouteFrontEnd:
                            status=502, outcome="upstream_error")
         self.pipeline.fail(call, err)
         return err
+
+
+async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """(body, True), or (what was read, False) as soon as it passes ``limit`` bytes."""
+    buf = bytearray()
+    async for chunk in upstream.content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            return bytes(buf), False
+    return bytes(buf), True

@@ -12,6 +12,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
+from gateway.redaction import scrub_text
 from storage import schema
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def call_to_row(call: "Call", *, instance: str) -> tuple[Any, ...]:
         "host": call.canonical_host or req.host.lower(),
         "port": _clamp(req.port, 65535),
         "path": call.canonical_path or req.path,
-        "query": redact_query(req.query),
+        "query": scrub_text(redact_query(req.query)) if req.query else "",
         "tool_kind": call.tool_kind or "",
         "tool_name": call.tool_name or "",
         "request_bytes": _clamp(call.request_bytes, 2**64 - 1),
@@ -126,6 +127,8 @@ def call_to_row(call: "Call", *, instance: str) -> tuple[Any, ...]:
         "seq": 0,
         "prev_hash": "",
         "row_hash": "",
+        "redacted_paths": list(call.redacted_paths),
+        "redaction_counts": dict(call.redaction_counts),
     }
     return tuple(values[name] for name in schema.COLUMN_NAMES)
 

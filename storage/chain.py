@@ -374,6 +374,6 @@ def verify(client: Any, database: str, instance: str | None = None, *,
                             "but are not in the store", expected))
     _check_contents(client, table, instance, page_rows, out)
     if instance is None:
-        report.unchained_rows = int(client.query(f"SELECT count() FROM {table} WHERE seq = 0").result_rows[0][0])
+        report.unchained_rows = int(client.query(f"SELECT count() FROM {table} FINAL WHERE seq = 0").result_rows[0][0])
     report.problems.sort(key=lambda p: (p.instance, p.seq, p.kind))
     return report

@@ -14,6 +14,7 @@ docs/audit.md has the same queries as plain SQL for clickhouse-client.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -139,9 +140,13 @@ def json_value(value: Any) -> Any:
         return [json_value(v) for v in value]
     if isinstance(value, dict):
         return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, float) and value != value:  # NaN
-        return None
-    return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)  # Decimal, IP addresses, dates ...
 
 
 def _value(v: Any) -> Any:

@@ -95,6 +95,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("seq", "UInt64", "Position of this row in its gateway instance's hash chain (1, 2, ...); 0 = not chained"),
     Column("prev_hash", "String", "row_hash of the previous row in this instance's chain; empty for seq 1"),
     Column("row_hash", "String", "Hex SHA-256 of this row's canonical encoding, prev_hash included (storage/chain.py)"),
+    # version 4: response redaction (paths and counts only, never values)
+    Column("redacted_paths", "Array(String)", "JSON paths redacted in the response (capped list), e.g. $.ticket.requester.email"),
+    Column("redaction_counts", "Map(String, UInt32)", "Redactions per detector (and 'field' for JSONPath fields)"),
 )
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 COLUMN_TYPES: tuple[str, ...] = tuple(c.type for c in COLUMNS)
@@ -240,6 +243,7 @@ def migrations(database: str, ttl_days: int) -> list[tuple[int, list[Step]]]:
                lambda client: convert_calls_to_replacing(client, database, ttl_days)]
             + hourly_ddl(database, ttl_days)
             + [lambda client: backfill_hourly(client, database)]),
+        (4, _add_columns(database, ("redacted_paths", "redaction_counts"))),
     ]
 
 

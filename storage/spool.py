@@ -92,6 +92,21 @@ class SpoolWriteError(Exception):
     """Records could not be written or synced to the spool."""
 
 
+def _retrieve(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _wait_event(event: asyncio.Event, seconds: float) -> None:
+    """Wait for ``event`` at most ``seconds``. (asyncio.timeout, unlike wait_for on 3.11,
+    never swallows a cancellation that races with the wake-up.)"""
+    try:
+        async with asyncio.timeout(max(0.0, seconds)):
+            await event.wait()
+    except TimeoutError:
+        pass
+
+
 def _fdatasync(fd: int) -> None:
     """The one place the spool syncs record data (tests count calls through a wrapper)."""
     os.fdatasync(fd)
@@ -248,6 +263,7 @@ class SegmentWriter:
         self.directory, self.segment_bytes, self.fsync = directory, segment_bytes, fsync
         self.seg, self.size, self.fd = seg, 0, -1
         self.syncs = 0
+        self.header_size = len(_header_record())
 
     def open(self, seg: int) -> int:
         """Create segment ``seg`` with its header, durably. Returns its size."""
@@ -268,7 +284,7 @@ class SegmentWriter:
         """Write ``data`` (whole records) and sync it; on failure the segment is cut back."""
         if self.fd < 0:
             self.open(self.seg + 1)
-        elif self.size + len(data) > self.segment_bytes and self.size > len(_header_record()):
+        elif self.size + len(data) > self.segment_bytes and self.size > self.header_size:
             self.close(sync=True)
             self.open(self.seg + 1)
         try:
@@ -592,15 +608,17 @@ class AuditSpool:
                 problem = f"audit record could not be encoded: {_describe(exc)}"
             else:
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                fut.add_done_callback(_retrieve)  # a begin that timed out leaves nobody to read it
                 self._open[cid] = _OpenCall(rec[_REC.size + _MIN_BODY:], None)
-                self._append(rec, begin=(cid, fut))
+                self._append(rec, begin_cid=cid, waiter=fut)
                 self._begins += 1
                 try:
-                    await asyncio.wait_for(asyncio.shield(fut), self.begin_timeout_seconds)
+                    async with asyncio.timeout(self.begin_timeout_seconds):
+                        await asyncio.shield(fut)
                     return
                 except SpoolWriteError as exc:
                     problem = str(exc)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     # The record is queued and lands when the disk catches up.
                     problem = f"audit spool did not sync within {self.begin_timeout_seconds}s"
                     if not self.required:
@@ -642,12 +660,14 @@ class AuditSpool:
         self._append(encode_record(COMPLETE, cid, encode_row(sealed)))
         self._rows_pending += 1
 
-    def _append(self, rec: bytes, *, begin: tuple[bytes, asyncio.Future[None]] | None = None) -> None:
+    def _append(self, rec: bytes, *, begin_cid: bytes | None = None,
+                waiter: asyncio.Future[None] | None = None) -> None:
         self._pending.append(rec)
         self._pending_bytes += len(rec)
-        if begin is not None:
-            self._pending_cids.append(begin[0])
-            self._begin_waiters.append(begin[1])
+        if begin_cid is not None:
+            self._pending_cids.append(begin_cid)
+        if waiter is not None:
+            self._begin_waiters.append(waiter)
             self._wake_writer.set()
         elif len(self._pending) == 1:
             self._wake_writer.set()
@@ -682,8 +702,8 @@ class AuditSpool:
             rec = await loop.run_in_executor(self._io, recover, self.directory, self.instance)
             if self.instance not in rec.heads and self._store.is_open:
                 try:  # a new spool for an instance the store already knows: continue its chain
-                    head = await asyncio.wait_for(
-                        self._store.run(last_head, self._store.database, self.instance), 10)
+                    async with asyncio.timeout(10):
+                        head = await self._store.run(last_head, self._store.database, self.instance)
                     if head is not None:
                         rec.heads[self.instance] = head
                 except Exception as exc:
@@ -711,6 +731,8 @@ class AuditSpool:
                         len(rec.open_begins), rec.damaged_segments)
         self._writer_task = asyncio.create_task(self._write_loop(), name="agentgate-spool-writer")
         self._shipper_task = asyncio.create_task(self._ship_loop(), name="agentgate-spool-shipper")
+        for task in (self._writer_task, self._shipper_task):
+            task.add_done_callback(self._task_done)
 
     def _lock(self) -> None:
         fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
@@ -721,27 +743,36 @@ class AuditSpool:
             raise SpoolLocked(f"audit spool {self.directory} is in use by another gateway process") from None
         self._lock_fd = fd
 
+    async def _durable(self) -> Pos:
+        """Sync everything queued so far; the end of the spool once it is on disk."""
+        fut: asyncio.Future[Pos] = asyncio.get_running_loop().create_future()
+        self._flushers.append(fut)
+        self._wake_writer.set()
+        return await fut
+
+    async def sync(self, timeout: float | None = None) -> None:
+        """Wait until every record queued before this call is on disk (not yet shipped)."""
+        if self._closed or self._writer_task is None:
+            return
+        async with asyncio.timeout(timeout):
+            await self._durable()
+
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every row recorded before this call is in the store."""
         if self._closed or self._writer_task is None:
             return
 
         async def _wait() -> None:
-            fut: asyncio.Future[Pos] = asyncio.get_running_loop().create_future()
-            self._flushers.append(fut)
-            self._wake_writer.set()
-            end = await fut
-            if self._shipped_state.shipped >= end or self._read_pos >= end and not self._ship_open_rows():
+            end = await self._durable()
+            if self._shipped_state.shipped >= end:
                 return
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._ship_waiters.append((end, done))
             self._wake_shipper.set()
             await done
 
-        await asyncio.wait_for(_wait(), timeout)
-
-    def _ship_open_rows(self) -> bool:
-        return self._rows_pending > 0
+        async with asyncio.timeout(timeout):
+            await _wait()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Stop accepting records, sync what is queued, ship what the store takes within
@@ -757,13 +788,10 @@ class AuditSpool:
             if task is None:
                 continue
             try:
-                await asyncio.wait_for(asyncio.shield(task), max(0.0, self._close_deadline - time.monotonic()))
-            except (asyncio.TimeoutError, Exception):
-                task.cancel()
-                try:
-                    await task
-                except BaseException:
-                    pass
+                async with asyncio.timeout(max(0.0, self._close_deadline - time.monotonic())):
+                    await asyncio.shield(task)
+            except (TimeoutError, Exception):
+                await self._cancel(task)
         if self._pending:
             log.error("audit spool closed with %d record(s) not written", len(self._pending))
             self._dropped += len(self._pending)
@@ -774,25 +802,31 @@ class AuditSpool:
                         self._rows_pending)
         self._finish()
 
+    async def _cancel(self, task: "asyncio.Task[None]") -> None:
+        task.cancel()
+        try:
+            async with asyncio.timeout(10):
+                await asyncio.shield(task)
+        except BaseException:
+            if not task.done():
+                log.error("audit spool task %s did not stop", task.get_name())
+
     async def abandon(self) -> None:
         """Stop dead, as a crash would: queued records are lost, nothing is flushed (tests)."""
         for task in (self._writer_task, self._shipper_task):
             if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except BaseException:
-                    pass
+                await self._cancel(task)
         self._pending.clear()
         self._pending_bytes = 0
         self._finish()
 
     def _finish(self) -> None:
         self._closing = self._closed = True
-        for fut in [*self._begin_waiters, *self._flushers, *(f for _, f in self._ship_waiters)]:
+        for fut in self._begin_waiters:
             if not fut.done():
-                fut.set_exception(SpoolWriteError("audit spool closed")) if fut in self._begin_waiters \
-                    else fut.cancel()
+                fut.set_exception(SpoolWriteError("audit spool closed"))
+        for fut in [*self._flushers, *(f for _, f in self._ship_waiters)]:
+            fut.cancel()
         self._begin_waiters, self._flushers, self._ship_waiters = [], [], []
         if self._log is not None and self._io is not None:
             try:
@@ -812,6 +846,20 @@ class AuditSpool:
 
     # -- writer task ------------------------------------------------------------------
     async def _write_loop(self) -> None:
+        try:
+            await self._write_records()
+        finally:
+            self._wake_shipper.set()  # the shipper waits for the writer to finish at close
+
+    def _task_done(self, task: "asyncio.Task[None]") -> None:
+        if not task.cancelled() and task.exception() is not None:
+            if task is self._writer_task:
+                self._write_ok = False  # fail closed: begin() refuses in required mode
+            else:
+                self._store_ok = False
+            log.error("audit spool task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _write_records(self) -> None:
         loop = asyncio.get_running_loop()
         delay = self.retry_min_seconds
         while True:
@@ -824,10 +872,7 @@ class AuditSpool:
                 continue
             if not self._begin_waiters and not self._flushers and not self._closing:
                 self._wake_writer.clear()  # completes only: let them gather, unless a begin comes
-                try:
-                    await asyncio.wait_for(self._wake_writer.wait(), self.flush_interval_seconds)
-                except asyncio.TimeoutError:
-                    pass
+                await _wait_event(self._wake_writer, self.flush_interval_seconds)
             data = b"".join(self._pending)
             cids, waiters = self._pending_cids, self._begin_waiters
             self._pending, self._pending_bytes, self._pending_cids, self._begin_waiters = [], 0, [], []
@@ -875,10 +920,7 @@ class AuditSpool:
         self._retry_now.clear()
         if self._closing:
             seconds = min(seconds, max(0.0, self._close_deadline - time.monotonic()))
-        try:
-            await asyncio.wait_for(self._retry_now.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
+        await _wait_event(self._retry_now, seconds)
 
     # -- shipper task -----------------------------------------------------------------
     async def _ship_loop(self) -> None:
@@ -892,10 +934,7 @@ class AuditSpool:
                 continue
             if self._rows_pending < self.batch_size and not self._ship_waiters and not self._closing:
                 self._wake_shipper.clear()  # let a batch gather
-                try:
-                    await asyncio.wait_for(self._wake_shipper.wait(), self.flush_interval_seconds)
-                except asyncio.TimeoutError:
-                    pass
+                await _wait_event(self._wake_shipper, self.flush_interval_seconds)
             assert self._ship_io is not None
             batch = await loop.run_in_executor(self._ship_io, self._read_batch, self._synced,
                                                sorted(self._sizes))
@@ -908,9 +947,10 @@ class AuditSpool:
         rows: list[tuple[Any, ...]] = []
         digest = hashlib.sha256()
         pos = self._read_pos
+        present = set(segs)
         while pos < limit and len(rows) < self.batch_size:
             seg, off = pos
-            if seg not in self._sizes:
+            if seg not in present:
                 later = [s for s in segs if s > seg]
                 pos = (later[0], 0) if later and later[0] <= limit[0] else limit
                 continue
@@ -1025,5 +1065,5 @@ class AuditSpool:
             call = self._open.get(cid)
             if call is not None and call.seg is not None and call.seg <= seg:
                 call.seg = None
-                self._append(encode_record(BEGIN, cid, call.payload))
+                self._append(encode_record(BEGIN, cid, call.payload), begin_cid=cid)
                 self._carried += 1

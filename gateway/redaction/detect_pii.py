@@ -1,5 +1,7 @@
-"""Personal-data detectors. Each finder is called as ``find(s, nd, low)`` (the string, its count of ASCII digits, and
-its lower-cased form, computed once per string by the scanner) and returns
+"""Personal-data detectors.
+
+Each finder is called as ``find(s, nd, low)`` (the string, its count of ASCII digits and its
+lower-cased form, computed once per string by the scanner) and returns
 ``[(start, end, canonical)]``. Finders with a ``min_digits`` attribute are skipped by the
 scanner for strings with fewer digits. Patterns are ASCII-only (``\\d`` is ``[0-9]``).
 
@@ -46,23 +48,21 @@ def find_email(s: str, nd: int = 0, low: str = "") -> list[Span]:
 
 
 # --- phone -----------------------------------------------------------------------------------
-# A run of >= 7 digits with phone-style separators. Dates (2024-01-15) and dotted quads are
-# removed from a run first, so ISO timestamps and IPs (common in API bodies) never reach the
-# (slow) matcher.
+# A run of >= 7 digits with phone-style separators (the matcher itself rejects numbers glued
+# to a Latin letter, so runs starting right after one are skipped).
 _DIGIT_RUN = re.compile(r"(?<![A-Za-z])\d[\d\s().\-/]{5,}\d", re.ASCII)
-# Removed from a run before counting: dates and dotted quads (IPs, versions).
+# Removed from a run before counting its digits: dates and dotted quads (IPs, versions), so
+# ISO timestamps and IPs, common in API bodies, never reach the (slow) matcher.
 _NOT_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,3}(?:\.\d{1,3}){3,}", re.ASCII)
 _NON_DIGIT = re.compile(r"\D+", re.ASCII)
-
-
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", re.ASCII)
 _BEFORE, _AFTER = 8, 16  # context kept around a run: "+", "(" before; "ext. 1234" after
 
 
 def _phone_windows(s: str) -> list[tuple[int, int]]:
     """Slices of ``s`` worth giving to the matcher: around runs of >= 7 digits that are not
-    dates, dotted quads or parts of UUIDs. The matcher costs ~2 µs per character it scans,
-    so it sees these windows instead of the whole string."""
+    dates, dotted quads or parts of UUIDs. The matcher costs 1-2 µs per character it scans
+    (~60 µs minimum per call), so it sees these windows instead of the whole string."""
     masked = _UUID.sub(lambda m: " " * len(m.group()), s) if s.count("-") >= 4 else s
     windows: list[tuple[int, int]] = []
     for m in _DIGIT_RUN.finditer(masked):
@@ -77,10 +77,6 @@ def _phone_windows(s: str) -> list[tuple[int, int]]:
         else:
             windows.append((lo, hi))
     return windows
-
-
-def _phone_candidate(s: str) -> bool:
-    return bool(_phone_windows(s))
 
 
 class PhoneFinder:
@@ -167,27 +163,36 @@ def find_payment_card(s: str, nd: int = 99, low: str = "") -> list[Span]:
             continue
         if len(groups) == 1:
             continue
-        # Card among other numbers ("12 4111 1111 1111 1111 2026"): try runs of whole groups.
+        # Card among other numbers ("12 4111 1111 1111 1111 2026"): try the card layouts
+        # starting at each group (a constant number of checks per group: linear).
+        lengths = [b - a for a, b in groups]
         i = 0
         while i < len(groups):
-            found = False
-            total = 0
-            j = i
-            while j < len(groups) and total + (groups[j][1] - groups[j][0]) <= 19:
-                total += groups[j][1] - groups[j][0]
-                j += 1
-            for k in range(j - 1, i - 1, -1):
-                if not _grouping_ok([b - a for a, b in groups[i:k + 1]]):
-                    continue
+            for k in _layout_ends(lengths, i):
                 cand = _NON_DIGIT.sub("", text[groups[i][0]:groups[k][1]])
                 if card_number_ok(cand):
                     out.append((m.start() + groups[i][0], m.start() + groups[k][1], cand))
-                    i = k + 1
-                    found = True
+                    i = k
                     break
-            if not found:
-                i += 1
+            i += 1
     return out
+
+
+def _layout_ends(lengths: list[int], i: int) -> list[int]:
+    """Last-group indexes of the card layouts (see ``_grouping_ok``) that start at group i."""
+    n, first = len(lengths), lengths[i]
+    if 13 <= first <= 19:
+        return [i]
+    if first != 4:
+        return []
+    ends = []
+    if i + 4 < n and lengths[i + 1] == lengths[i + 2] == lengths[i + 3] == 4 and 1 <= lengths[i + 4] <= 3:
+        ends.append(i + 4)
+    if i + 3 < n and lengths[i + 1] == lengths[i + 2] == 4 and 1 <= lengths[i + 3] <= 4:
+        ends.append(i + 3)
+    if i + 2 < n and lengths[i + 1] == 6 and lengths[i + 2] in (4, 5):
+        ends.append(i + 2)
+    return ends
 
 
 find_us_ssn.min_digits = 9  # type: ignore[attr-defined]

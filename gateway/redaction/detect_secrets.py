@@ -132,7 +132,7 @@ _ASSIGN = re.compile(
 )
 _NOT_SECRETS = frozenset({"true", "false", "null", "none", "undefined", "required", "optional", "string"})
 _BASIC = re.compile(r"(?i)(?<![A-Za-z0-9])basic(?:\s+|%20|\+)([A-Za-z0-9+/]{8,}={0,2})(?![A-Za-z0-9+/=])", re.ASCII)
-_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]+:([^\s/@]+)@", re.ASCII)
+_URL_USERINFO = re.compile(r"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]+:([^\s/@]+)@", re.ASCII)
 
 
 def _basic_credentials(tok: str) -> bool:

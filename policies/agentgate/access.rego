@@ -68,5 +68,5 @@ deny contains concat(" ", ["agent", input.agent.id, "is not registered for", sys
 	not system in registered.systems
 }
 
-# This bundle only knows HTTP calls; other tool kinds need their own rules first.
-deny contains "this policy covers HTTP tool calls only" if not input.tool.kind == "http"
+# This bundle knows HTTP and MCP calls (mcp.rego); other tool kinds need their own rules first.
+deny contains "this policy covers HTTP and MCP tool calls only" if not input.tool.kind in {"http", "mcp"}

@@ -134,10 +134,10 @@ test_other_tool_kinds_are_denied if {
 	d := agentgate.decision with input.agent as {"id": "support-bot", "roles": ["support"]}
 		with input.request as {"method": "POST", "host": "acme.zendesk.com", "path_segments": []}
 		with input.route as null
-		with input.tool as {"kind": "mcp", "name": "create_ticket"}
+		with input.tool as {"kind": "grpc", "name": "create_ticket"}
 		with data.agents as {}
 	d.allow == false
-	d.reasons == ["this policy covers HTTP tool calls only"]
+	d.reasons == ["this policy covers HTTP and MCP tool calls only"]
 }
 
 # With nothing to judge, the decision is still defined: a deny.

@@ -44,6 +44,13 @@ def _ready(venv: Path, digest: str) -> bool:
         return False
 
 
+def _ignore_in_git(venv: Path) -> None:
+    """A ``*`` .gitignore inside the venv (as virtualenv writes), so ``git add -A`` never takes it."""
+    ignore = venv / ".gitignore"
+    if venv.is_dir() and not ignore.exists():
+        ignore.write_text("# created by tests/mcp_harness/env.py\n*\n")
+
+
 def _base_python() -> str:
     """The interpreter to build from: the one running us, outside any venv it may be in."""
     return os.environ.get("AGENTGATE_MCP_BASE_PYTHON") or getattr(sys, "_base_executable", None) or sys.executable
@@ -73,6 +80,7 @@ def mcp_python(venv: Path = VENV, lock_file: Path = LOCK_FILE) -> Path:
     """The ``.venv-mcp`` interpreter, building or rebuilding the venv if the lock changed."""
     digest = lock_digest(lock_file)
     if _ready(venv, digest):
+        _ignore_in_git(venv)
         return _python(venv)
     # The flock lives outside the venv, which a rebuild deletes.
     key = hashlib.sha256(str(venv.resolve()).encode()).hexdigest()[:16]
@@ -82,6 +90,7 @@ def mcp_python(venv: Path = VENV, lock_file: Path = LOCK_FILE) -> Path:
         try:
             if not _ready(venv, digest):  # another process may have built it while we waited
                 _build(venv, lock_file)
+                _ignore_in_git(venv)
                 (venv / MARKER_NAME).write_text(digest + "\n")
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)

@@ -30,7 +30,7 @@ decision := {
 	"reasons": reasons,
 	"require_approval": false,
 	"approvers": [],
-	"redact": {"fields": [], "detectors": []},
+	"redact": redact,
 } if not needs_approval
 
 reasons := sort(deny_reasons) if count(deny_reasons) > 0
@@ -47,5 +47,15 @@ decision := {
 	"reasons": array.concat(reasons, ["refunds need a support lead's approval"]),
 	"require_approval": true,
 	"approvers": ["support-lead"],
-	"redact": {"fields": [], "detectors": []},
+	"redact": redact,
 } if needs_approval
+
+# Responses under /pii are redacted before the agent sees them.
+default redact := {"fields": [], "detectors": []}
+
+redact := {
+	"fields": ["$..secret_field", "$.customer.ssn"],
+	"detectors": ["email", "phone", "us_ssn", "payment_card", "jwt", "aws_access_key"],
+} if startswith(input.request.path, "/pii")
+
+redact := {"fields": [], "detectors": ["no_such_detector"]} if startswith(input.request.path, "/badredact")
