@@ -42,7 +42,6 @@ CHAIN_VERSION = b"agentgate-chain-v1"
 GENESIS = ""
 HASHED_COLUMNS: tuple[str, ...] = tuple(n for n in schema.COLUMN_NAMES if n != "row_hash")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-_NIL_UUID = "00000000-0000-0000-0000-000000000000"
 _F32 = struct.Struct("<f")
 _IDX = {name: i for i, name in enumerate(schema.COLUMN_NAMES)}
 SEQ, PREV_HASH, ROW_HASH, INSTANCE, CALL_ID = (
@@ -80,7 +79,13 @@ def _text(value: Any) -> str:
 
 
 def _uuid_text(value: Any) -> str:
-    return str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
+    """UUID as text; the nil UUID (the type's default) as "" so it is left out like others."""
+    u = value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    return str(u) if u.int else ""
+
+
+def _canon_text(value: Any) -> str:
+    return value if type(value) is str else _text(value)
 
 
 def _split_args(inner: str) -> list[str]:
@@ -118,7 +123,7 @@ def converters(type_name: str) -> tuple[Conv, Conv]:
         return (lambda v: {kn(k): vn(x) for k, x in dict(v).items()},
                 lambda v: sorted([kc(k), vc(x)] for k, x in dict(v).items()))
     if outer in ("String", "FixedString") or outer.startswith("Enum"):
-        return _text, _text
+        return _text, _canon_text
     if outer == "UUID":
         return (lambda v: v if isinstance(v, uuid.UUID) else uuid.UUID(str(v))), _uuid_text
     if outer in ("DateTime64", "DateTime", "Date", "Date32"):
@@ -126,11 +131,11 @@ def converters(type_name: str) -> tuple[Conv, Conv]:
     if outer == "Bool":
         return (lambda v: bool(v)), (lambda v: 1 if v else 0)
     if re.fullmatch(r"U?Int(8|16|32|64|128|256)", outer):
-        return (lambda v: int(v)), (lambda v: int(v))
+        return int, int
     if outer == "Float32":
         return _f32, _f32
     if outer == "Float64":
-        return (lambda v: float(v)), (lambda v: float(v))
+        return float, float
     raise ValueError(f"storage.chain cannot canonicalise ClickHouse type {type_name!r}: extend converters()")
 
 
@@ -140,10 +145,6 @@ _NORMALIZERS = [n for n, _ in _CONVERTERS]
 _HASHED = sorted(((_IDX[n], n, _CONVERTERS[_IDX[n]][1]) for n in HASHED_COLUMNS), key=lambda x: x[1])
 
 
-def _is_default(v: Any) -> bool:
-    return v is None or v == "" or v == [] or v == _NIL_UUID or (type(v) in (int, float) and v == 0)
-
-
 def normalize(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """``row`` (in ``schema.COLUMN_NAMES`` order) in the form ClickHouse stores and returns."""
     return tuple(f(v) for f, v in zip(_NORMALIZERS, row))
@@ -151,15 +152,16 @@ def normalize(row: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def canonical(row: tuple[Any, ...] | Mapping[str, Any]) -> bytes:
     """The bytes :func:`row_hash` hashes; ``row`` is a tuple in column order or a name→value map."""
-    get = row.get if isinstance(row, Mapping) else (lambda name: row[_IDX[name]])  # type: ignore[index]
+    if isinstance(row, Mapping):
+        values = [row.get(name) for _, name, _ in _HASHED]
+    else:
+        values = [row[idx] for idx, _, _ in _HASHED]
     doc: dict[str, Any] = {}
-    for _, name, canon in _HASHED:
-        value = get(name)
-        if value is None:
-            continue
-        c = canon(value)
-        if not _is_default(c):
-            doc[name] = c
+    for (_, name, canon), value in zip(_HASHED, values):
+        if value is not None:
+            c = canon(value)
+            if c:  # "", 0, 0.0, [], the epoch, the nil UUID: the type's default is left out
+                doc[name] = c
     return CHAIN_VERSION + b"\n" + json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

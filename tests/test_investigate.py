@@ -467,6 +467,8 @@ def _zero(ch_type: str) -> Any:
         return None
     if ch_type.startswith("Array"):
         return []
+    if ch_type.startswith("Map"):
+        return {}
     if ch_type.startswith(("UInt", "Int")):
         return 0
     if ch_type.startswith("Float"):

@@ -222,6 +222,14 @@ def test_field_paths_indexes_filters_and_whole_subtrees(redactor: Redactor) -> N
     assert sorted(report.paths) == ["$.customer.name", "$.tickets[1]", "$.users[0].email"]
 
 
+def test_field_paths_index_lists_and_descendant_indexes(redactor: Redactor) -> None:
+    doc = {"a": [0, 1, 2, 3], "b": {"a": [[5, 6], [7]]}, "c": [{"a": [8, 9]}]}
+    out, report = jbody(redactor.plan(["$.a[0,-1]", "$..a[1]"], []), doc)
+    r = "[REDACTED:field]"
+    assert out == {"a": [r, r, 2, r], "b": {"a": [[5, 6], r]}, "c": [{"a": [8, r]}]}
+    assert sorted(report.paths) == ["$.a[0]", "$.a[1]", "$.a[3]", "$.b.a[1]", "$.c[0].a[1]"]
+
+
 def test_root_path_and_missing_paths(redactor: Redactor) -> None:
     out, _ = jbody(redactor.plan(["$"], []), {"a": 1})
     assert out == "[REDACTED:field]"
@@ -329,6 +337,12 @@ def test_json_variants_and_unchanged_bodies(redactor: Redactor) -> None:
     bom = b"\xef\xbb\xbf" + json.dumps({"e": "ann@example.com"}).encode()
     out, _ = plan.redact_body(bom, content_type="application/json", content_encoding=None)
     assert out.startswith(b"\xef\xbb\xbf") and json.loads(out[3:]) == {"e": "[REDACTED:email]"}
+
+
+def test_json_with_lone_surrogate_escapes_stays_valid(redactor: Redactor) -> None:
+    body = b'{"s": "\\ud800 x", "e": "ann@example.com"}'
+    out, _ = redactor.plan([], ["email"]).redact_body(body, content_type="application/json", content_encoding=None)
+    assert json.loads(out.decode("utf-8")) == {"s": "\ud800 x", "e": "[REDACTED:email]"}
 
 
 @pytest.mark.parametrize("ct", ["application/x-ndjson", "application/jsonl"])
@@ -522,6 +536,20 @@ def test_huge_array_is_handled(redactor: Redactor) -> None:
     assert report.counts == {"field": 1} and out.startswith(b'[0,0,0,0,0,"[REDACTED:field]",0')
 
 
+HOSTILE = ["eyJ" * 70_000, "2eyJ" * 50_000, "http://x@y " + "a" * 200_000, "x@" + "a." * 100_000,
+           "-----BEGIN " + "A " * 100_000, "a://" * 50_000 + "@", "::" * 100_000, "xoxb-1-" * 30_000,
+           "password=" * 20_000, "AKIA" * 50_000]
+
+
+@pytest.mark.timeout(60)
+def test_hostile_strings_scan_in_linear_time(redactor: Redactor) -> None:
+    """Patterns are anchored/possessive: a quadratic pattern would take minutes on these."""
+    plan = redactor.plan([], ["all"])
+    body = "\n".join(HOSTILE).encode()
+    out, _ = plan.redact_body(body, content_type="text/plain", content_encoding=None)
+    assert len(out) > 0
+
+
 # -- SSE --------------------------------------------------------------------------------------
 SSE_STREAM = (
     b": keep-alive comment\n\n"
@@ -572,6 +600,12 @@ def test_sse_crlf_split_across_chunks_and_unterminated_tail(redactor: Redactor) 
     assert sse.close() == b"data: [REDACTED:email]"
 
 
+def test_sse_stream_starting_with_a_bom(redactor: Redactor) -> None:
+    sse = redactor.plan([], ["email"]).sse()
+    out = sse.feed(b"\xef\xbb\xbfdata: a@example.com\n\n") + sse.close()
+    assert out == b"\xef\xbb\xbfdata: [REDACTED:email]\n\n"
+
+
 @pytest.mark.parametrize("enc", sorted(ENCODERS))
 def test_sse_compressed_stream(redactor: Redactor, enc: str) -> None:
     plan = redactor.plan([], ["email"])
@@ -581,6 +615,15 @@ def test_sse_compressed_stream(redactor: Redactor, enc: str) -> None:
     out = b"".join(sse.feed(wire[i:i + 7]) for i in range(0, len(wire), 7)) + sse.close()
     assert DECODERS[enc](out) == (b"data: {\"e\":\"[REDACTED:email]\"}\n\n"
                                   b"data: nothing\n\ndata: [REDACTED:email]\n\n")
+
+
+@pytest.mark.parametrize("depth", [200, 100_000])
+def test_sse_deeply_nested_event_is_refused(redactor: Redactor, depth: int) -> None:
+    sse = redactor.plan([], ["email"]).sse()
+    assert sse.feed(b"data: {\"ok\": 1}\n\n") == b"data: {\"ok\": 1}\n\n"
+    with pytest.raises(NotRedactable) as ei:
+        sse.feed(b"data: " + b"[" * depth + b"]" * depth + b"\n\n")
+    assert ei.value.reason == "json_too_deep"
 
 
 def test_sse_event_too_large() -> None:

@@ -64,6 +64,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 def spool(store: Store, tmp_path: Path, **kw: Any) -> AuditSpool:
     kw.setdefault("flush_interval_seconds", 0.02)
     kw.setdefault("retry_min_seconds", 0.01)
+    kw.setdefault("begin_timeout_seconds", 30)  # a loaded test machine can be slow to fsync
     return AuditSpool(store, tmp_path / "spool", instance=GW, **kw)
 
 

@@ -58,8 +58,11 @@ def find_private_key(s: str, nd: int = 0, low: str = "") -> list[Span]:
 
 # --- JWT -------------------------------------------------------------------------------------
 _B64URL = r"[A-Za-z0-9_\-]"
+# Starts only at a token boundary (or after a URL-encoded quote / '='), which keeps the scan
+# linear on hostile input such as "eyJeyJeyJ...".
 _JWT = re.compile(
-    rf"(?a)eyJ{_B64URL}+={{0,2}}\.{_B64URL}+={{0,2}}\.{_B64URL}*={{0,2}}(?:\.{_B64URL}+\.{_B64URL}+)?"
+    rf"(?a)(?:(?<![A-Za-z0-9_\-])|(?<=%22)|(?<=%3[Dd]))"
+    rf"eyJ{_B64URL}++={{0,2}}\.{_B64URL}++={{0,2}}\.{_B64URL}*+={{0,2}}(?:\.{_B64URL}++\.{_B64URL}++)?"
 )
 
 

@@ -24,6 +24,7 @@ State = tuple[tuple[int, int], ...]
 END = object()
 """Trie marker: the location itself matched."""
 _CACHE_MAX = 8192
+_MISSING: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ class FieldMatcher:
         self._step_cache: dict[tuple[State, str | None], State | None] = {}
         self._final_cache: dict[State, bool] = {}
         self._index_states: dict[State, bool] = {}
+        self._default_cache: dict[State, State | None] = {}
 
     @property
     def has_slow(self) -> bool:
@@ -143,6 +145,27 @@ class FieldMatcher:
                 self._step_cache.clear()
             self._step_cache[ck] = result
         return result
+
+    def step_list(self, state: State, length: int) -> tuple[State | None, dict[int, State | None]]:
+        """Child states for a whole array at once: (state of most items, {index: state} for the
+        items an index selector names). Keeps huge arrays at one dict lookup per item."""
+        default = self._default_cache.get(state, _MISSING)
+        if default is _MISSING:
+            nxt = {(p, i) for p, i in state if i < len(self._fast[p]) and self._fast[p][i].descend}
+            nxt |= {(p, i + 1) for p, i in state if i < len(self._fast[p]) and self._fast[p][i].wildcard}
+            default = tuple(sorted(nxt)) or None
+            if len(self._default_cache) >= _CACHE_MAX:
+                self._default_cache.clear()
+            self._default_cache[state] = default
+        special: dict[int, State | None] = {}
+        for p, i in state:
+            segs = self._fast[p]
+            if i < len(segs):
+                for idx in segs[i].indices:
+                    norm = idx if idx >= 0 else length + idx
+                    if 0 <= norm < length and norm not in special:
+                        special[norm] = self.step(state, norm, length)
+        return default, special
 
     def slow_trie(self, root: Any) -> dict | None:
         """Locations matched by the non-simple paths, as a trie (``END`` marks a match)."""

@@ -89,14 +89,14 @@ def redact_json(plan: Plan, data: bytes, charset: str | None, report: RedactionR
     new = plan.walk(value, report)
     if new is value:
         return None
-    return bom + _encode_text(dump_json(new), enc)
+    return bom + _encode_json(new, enc)
 
 
-def _encode_text(text: str, enc: str) -> bytes:
+def _encode_json(value: Any, enc: str) -> bytes:
     try:
-        return text.encode(enc)
-    except UnicodeEncodeError:  # lone surrogates from \ud800 escapes: keep them escaped
-        return text.encode(enc, "backslashreplace") if enc != "utf-8" else text.encode("utf-8", "surrogatepass")
+        return dump_json(value).encode(enc)
+    except UnicodeEncodeError:  # lone surrogates (from "\ud800" escapes): keep them as escapes
+        return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode(enc)
 
 
 def redact_ndjson(plan: Plan, data: bytes, charset: str | None, report: RedactionReport) -> bytes | None:
@@ -124,7 +124,7 @@ def redact_ndjson(plan: Plan, data: bytes, charset: str | None, report: Redactio
             continue
         new = plan.walk(value, report, prefix=f"line[{i}]:")
         if new is not value:
-            lines[i] = _encode_text(dump_json(new), enc) + cr
+            lines[i] = _encode_json(new, enc) + cr
             changed = True
     return b"\n".join(lines) if changed else None
 
@@ -157,7 +157,7 @@ def redact_text_body(plan: Plan, data: bytes, charset: str | None, report: Redac
             pass
         else:
             new = plan.walk(value, report)
-            return None if new is value else dump_json(new).encode(enc, errors if errors != "strict" else "surrogatepass")
+            return None if new is value else _encode_json(new, enc)
     new_text = plan.redact_text(text, report)
     return None if new_text is None else new_text.encode(enc, errors)
 

@@ -91,8 +91,12 @@ class Plan:
 
     async def redact_body_async(self, body: bytes, *, content_type: str,
                                 content_encoding: str | None) -> tuple[bytes, RedactionReport]:
-        """``redact_body`` in a worker thread above ``thread_threshold_bytes``, inline below."""
-        if len(body) >= self.settings.thread_threshold_bytes:
+        """``redact_body`` in a worker thread above ``thread_threshold_bytes``, inline below.
+
+        Compressed bodies always go to the thread: a few KiB may inflate to megabytes.
+        """
+        compressed = bool(content_encoding) and content_encoding.strip().lower() not in ("", "identity")
+        if len(body) >= self.settings.thread_threshold_bytes or (compressed and body):
             return await asyncio.to_thread(self.redact_body, body, content_type=content_type,
                                            content_encoding=content_encoding)
         return self.redact_body(body, content_type=content_type, content_encoding=content_encoding)

@@ -109,6 +109,9 @@ class SseRedactor:
         if b"data" not in raw:
             return raw
         text = raw.decode("utf-8", "surrogateescape")
+        bom = ""
+        if index == 0 and text.startswith("\ufeff"):  # a stream may start with a BOM (ignored by clients)
+            bom, text = "\ufeff", text[1:]
         parts = _LINES.split(text)  # line, term, line, term, ..., rest
         lines = parts[0::2]
         terms = parts[1::2]
@@ -137,7 +140,7 @@ class SseRedactor:
             out.append(ln)
             if i < len(terms):
                 out.append(terms[i])
-        return "".join(out).encode("utf-8", "surrogateescape")
+        return (bom + "".join(out)).encode("utf-8", "surrogateescape")
 
     def _redact_data(self, data: str, index: int) -> str | None:
         plan = self._plan
@@ -149,7 +152,12 @@ class SseRedactor:
                 pass
             else:
                 new = plan.walk(value, self.report, prefix=f"event[{index}]:")
-                return None if new is value else dump_json(new)
+                if new is value:
+                    return None
+                try:
+                    return dump_json(new)
+                except RecursionError:  # a subtree the walk had no reason to enter
+                    raise NotRedactable("json_too_deep", f"event {index} is nested too deeply") from None
         return plan.redact_text(data, self.report)
 
 

@@ -128,9 +128,10 @@ class JsonWalk:
             cs = fields.step(state, k) if state is not None else None  # type: ignore[union-attr]
             ct = trie.get(k) if trie is not None else None
             parts.append(k)
+            tc = type(child)
             if (cs is not None and fields.is_final(cs)) or (ct is not None and END in ct):  # type: ignore[union-attr]
                 new = self._field(child)
-            elif type(child) is str:
+            elif tc is str:
                 if self._key_names and child and is_secret_name(k) and not child.startswith("[REDACTED"):
                     new = self._whole("api_key", child)
                 elif scanner is not None:
@@ -142,8 +143,10 @@ class JsonWalk:
                         new = r
                 else:
                     new = child
-            else:
+            elif tc is dict or tc is list or tc is tuple or (tc is int and self._card_ints):
                 new = self._walk(child, cs, ct, depth)
+            else:
+                new = child
             parts.pop()
             if new is not child:
                 if out is None:
@@ -155,12 +158,22 @@ class JsonWalk:
         out = None
         parts = self._parts
         fields = self._fields
-        n = len(v)
+        if state is not None:
+            default, special = fields.step_list(state, len(v))  # type: ignore[union-attr]
+            final_default = default is not None and fields.is_final(default)  # type: ignore[union-attr]
+        else:
+            default, special, final_default = None, {}, False
+        scanning = self._scanner is not None
         for i, child in enumerate(v):
-            cs = fields.step(state, i, n) if state is not None else None  # type: ignore[union-attr]
+            cs = special.get(i, default) if special else default
             ct = trie.get(i) if trie is not None else None
+            tc = type(child)
+            if cs is None and ct is None and not (tc is str and scanning) and tc is not dict \
+                    and tc is not list and tc is not tuple and not (tc is int and self._card_ints):
+                continue  # nothing can match here: skip the call
             parts.append(i)
-            if (cs is not None and fields.is_final(cs)) or (ct is not None and END in ct):  # type: ignore[union-attr]
+            if (cs is not None and (final_default if cs is default else fields.is_final(cs))) \
+                    or (ct is not None and END in ct):  # type: ignore[union-attr]
                 new = self._field(child)
             else:
                 new = self._walk(child, cs, ct, depth)
