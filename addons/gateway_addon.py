@@ -16,6 +16,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 
+from gateway import mcp
 from gateway.errors import CALL_ID_HEADER, GatewayError, UpstreamError, error_body
 from gateway.models import Call, GatewayRequest, Identity
 from gateway.pipeline import Pipeline
@@ -29,6 +30,10 @@ CALL_KEY = "agentgate.call"
 def error_flow_response(err: GatewayError, call_id: str) -> http.Response:
     headers = {CALL_ID_HEADER: call_id, "Content-Type": "application/json", **err.headers}
     return http.Response.make(err.status, error_body(err.code, err.message, call_id), headers)
+
+
+def reply_flow_response(reply: mcp.Reply) -> http.Response:
+    return http.Response.make(reply.status, reply.body, reply.headers)
 
 
 def _split_path(raw: bytes) -> tuple[str, str]:
@@ -134,6 +139,9 @@ class AgentGate:
         tunnel = self.tunnels.get(flow.client_conn)
         call = Call(request=self._gateway_request(flow, tunnel))
         credential = flow.request.headers.get("proxy-authorization")
+        if (batch := mcp.batch_of(call, self.pipeline.cfg.policy.inspect_body_bytes)) is not None:
+            await self._mcp_batch(flow, call, batch, credential, tunnel)  # each element its own call
+            return
         try:
             await self.pipeline.admit(call, credential=credential,
                                       identity=tunnel.identity if tunnel else None)
@@ -153,6 +161,22 @@ class AgentGate:
             flow.request.host = call.canonical_host
         flow.metadata[CALL_KEY] = call
         call.upstream_started = time.perf_counter()
+        if mcp.takes_over(call):  # an MCP listing: the gateway exchanges it itself, to filter it whole
+            try:
+                flow.response = reply_flow_response(await mcp.exchange_direct(self.pipeline, call, credential))
+            except Exception:  # noqa: BLE001 - never let a bug let it through
+                log.exception("internal error on call %s", call.call_id)
+                self._refuse(flow, call, GatewayError("internal gateway error"))
+
+    async def _mcp_batch(self, flow: http.HTTPFlow, call: Call, batch: list[Any], credential: str | None,
+                         tunnel: _Tunnel | None) -> None:
+        try:
+            flow.response = reply_flow_response(await mcp.run_batch(
+                self.pipeline, call, batch, credential=credential, identity=tunnel.identity if tunnel else None,
+                send=mcp.DirectSender(self.pipeline.cfg, credential)))
+        except Exception:  # noqa: BLE001 - never let a bug let a batch through
+            log.exception("internal error on batch %s", call.call_id)
+            flow.response = error_flow_response(GatewayError("internal gateway error"), call.call_id)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
@@ -173,7 +197,8 @@ class AgentGate:
         if ctype in self._stream_types or flow.response.stream or sse is not None:
             counter = _StreamRelay(sse, flow)
             flow.metadata["agentgate.counter"] = counter
-            flow.response.stream = counter
+            flow.response.stream = mcp.tap(self.pipeline, call, flow.response.status_code, ctype,  # MCP: isError
+                                           flow.response.headers.get("content-encoding"), counter)
             self.pipeline.streams.add(call, lambda: _cut_connection(flow))
 
     def _plan_response_redaction(self, flow: http.HTTPFlow, call: Call, ctype: str) -> Any:
@@ -200,6 +225,9 @@ class AgentGate:
             return
         self.pipeline.streams.discard(call)
         relay: _StreamRelay | None = flow.metadata.get("agentgate.counter")
+        if relay is None and call.rpc is not None:  # MCP: records a buffered tool result's isError
+            mcp.observe(self.pipeline, call, flow.response.status_code, flow.response.headers.get("content-type", ""),
+                        flow.response.get_content(strict=False) or b"")
         if relay is not None and relay.sse is not None:
             self.pipeline.record_redaction(call, relay.sse.report)
             if relay.failure is not None:
@@ -267,4 +295,5 @@ class AgentGate:
 
     def _refuse(self, flow: http.HTTPFlow, call: Call, err: GatewayError) -> None:
         self.pipeline.fail(call, err)
-        flow.response = error_flow_response(err, call.call_id)
+        reply = mcp.refusal(call, err)  # an MCP request gets a JSON-RPC error
+        flow.response = error_flow_response(err, call.call_id) if reply is None else reply_flow_response(reply)

@@ -23,7 +23,8 @@ from gateway.killswitch import SCOPES, KillSwitches
 from gateway.metrics import Metrics
 from gateway.models import Identity
 from gateway.policy import PolicyEngine
-from storage.audit import AuditWriter
+from storage.chain import verify_store
+from storage.spool import AuditSpool, shipped_heads
 from storage.store import QueryError, QueryRejected, Store
 
 log = logging.getLogger("agentgate.admin")
@@ -43,7 +44,7 @@ def json_error(err: GatewayError, request_id: str) -> web.Response:
 
 class AdminApi:
     def __init__(self, *, verifier: JwtVerifier, engine: PolicyEngine, store: Store,
-                 audit: AuditWriter, metrics: Metrics, sql_row_limit: int, killswitches: KillSwitches,
+                 audit: AuditSpool, metrics: Metrics, sql_row_limit: int, killswitches: KillSwitches,
                  approvals: Approvals, events: AdminEvents, approver_teams_claim: str) -> None:
         self.verifier = verifier
         self.engine = engine
@@ -62,6 +63,7 @@ class AdminApi:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_text)
         app.router.add_post("/v1/audit/sql", self.audit_sql)
+        app.router.add_post("/v1/audit/verify", self.audit_verify)
         app.router.add_get("/v1/killswitches", self.list_killswitches)
         app.router.add_post("/v1/killswitches", self.create_killswitch)
         app.router.add_delete("/v1/killswitches/{id}", self.revoke_killswitch)
@@ -106,19 +108,37 @@ class AdminApi:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Ready: policy loaded and the audit can take records. ClickHouse being away is shown
+        (the spool holds the backlog) but only blocks readiness when the audit is required and full."""
+        audit = self.audit.status()
         store_ok = await self.store.ping()
-        checks = {"policy": bool(self.engine.ready), "store": store_ok}
-        ready = all(checks.values())
+        audit_ok = bool(audit["spool_writable"]) and not (audit["required"] and audit["full"])
+        checks = {"policy": bool(self.engine.ready), "audit": audit_ok, "store": store_ok}
+        ready = checks["policy"] and checks["audit"]
         return web.json_response(
-            {"ready": ready, "checks": checks, "policy_revision": self.engine.revision,
-             "audit_queue_depth": self.audit.depth},
+            {"ready": ready, "checks": checks, "policy_revision": self.engine.revision, "audit": audit},
             status=200 if ready else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        self.metrics.audit_queue_depth.set(self.audit.depth)
-        self.metrics.audit_dropped.set(self.audit.dropped)
+        audit = self.audit.status()
+        self.metrics.audit_queue_depth.set(audit["depth"])
+        self.metrics.audit_dropped.set(audit["dropped"])
+        self.metrics.audit_spool_bytes.set(audit["bytes"])
+        self.metrics.audit_spool_full.set(1 if audit["full"] else 0)
+        self.metrics.audit_store_reachable.set(1 if audit["store_reachable"] else 0)
         return web.Response(body=self.metrics.render(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def audit_verify(self, request: web.Request) -> web.Response:
+        """Walk the hash chain of every instance (or ``?instance=``) and report tampering."""
+        actor = await self.authorize(request, AUDIT_ROLES, "audit.verify")
+        instance = request.query.get("instance") or None
+        await self.audit.flush(timeout=_FRESHNESS_WAIT_SECONDS)
+        report = await verify_store(self.store, instance=instance,
+                                    expected_heads=shipped_heads(self.audit.directory))
+        await self.events.record(actor, "audit.verify", instance or "*",
+                                 result="ok" if report.ok else "tampering_found")
+        return web.json_response(report.as_dict())
 
     async def audit_sql(self, request: web.Request) -> web.Response:
         actor = await self.authorize(request, AUDIT_ROLES, "audit.sql")

@@ -6,7 +6,9 @@ import asyncio
 import logging
 import signal
 import socket
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -29,13 +31,25 @@ from gateway.routes import RouteFrontEnd
 from gateway.state_sync import StateSync
 from gateway.streams import OpenStreams
 from gateway.upstream import RouteUpstream
-from storage.audit import AuditWriter
+from storage.spool import AuditSpool
 from storage.store import Store
 
 log = logging.getLogger("agentgate")
 
 MAX_REQUEST_BODY = 64 << 20
 
+
+
+def instance_name(data_dir: Path) -> str:
+    """``<host>-<id>``: the id is kept in the data dir, so each gateway's hash chain is its own
+    and survives restarts (the spool in that data dir belongs to exactly this instance)."""
+    id_file = data_dir / "instance-id"
+    try:
+        ident = id_file.read_text().strip()
+    except FileNotFoundError:
+        ident = uuid.uuid4().hex[:12]
+        id_file.write_text(ident + "\n")
+    return f"{socket.gethostname()}-{ident}"
 
 
 @dataclass
@@ -53,7 +67,7 @@ def _split(hostport: str) -> tuple[str, int]:
 class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.instance = f"{socket.gethostname()}:{cfg.listen.routes}"
+        self.instance = ""
         self._runners: list[web.AppRunner] = []
         self._background: set[asyncio.Task[None]] = set()
         self.proxy: EmbeddedProxy | None = None
@@ -62,6 +76,7 @@ class Gateway:
     async def start(self) -> Listeners:
         cfg = self.cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.instance = instance_name(cfg.data_dir)
         dev_pub = public_pem(ensure_dev_key(cfg.dev_key_path)) if cfg.identity.dev_signing_key else None
         registry = AgentRegistry.load(cfg.identity.registry_file) if cfg.identity.registry_file else None
         self.metrics = Metrics()
@@ -70,9 +85,11 @@ class Gateway:
         await self.engine.start()
         self.store = Store(cfg.audit_dsn, database=cfg.audit.database, ttl_days=cfg.audit.ttl_days)
         await self.store.open()
-        self.audit = AuditWriter(self.store, batch_size=cfg.audit.batch_size,
-                                 flush_interval_seconds=cfg.audit.flush_interval_seconds,
-                                 queue_max=cfg.audit.queue_max, instance=self.instance)
+        self.audit = AuditSpool(self.store, cfg.data_dir / "spool", instance=self.instance,
+                                batch_size=cfg.audit.batch_size,
+                                flush_interval_seconds=cfg.audit.flush_interval_seconds,
+                                spool_max_bytes=cfg.audit.spool_max_bytes, required=cfg.audit.required,
+                                fsync=cfg.audit.spool_fsync)
         await self.audit.start()
         self.killswitches = KillSwitches(self.store)
         self.notifier = Notifier(cfg.approval.webhooks)

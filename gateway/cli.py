@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,23 @@ def cmd_revive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Walk every gateway instance's hash chain; exit 1 when a row was deleted or altered."""
+    query = f"?instance={urllib.parse.quote(args.instance)}" if args.instance else ""
+    report = _admin_call(args, f"/v1/audit/verify{query}", {})
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for inst in report["instances"]:
+            print(f"{inst['instance']}: {inst['rows']} rows, seq {inst['first_seq']}..{inst['last_seq']}, "
+                  f"{inst['problems']} problem(s)")
+        for p in report["problems"]:
+            where = f"seq {p['seq']}" + (f"..{p['seq_end']}" if p.get("seq_end") else "")
+            print(f"  {p['kind']}: {p['instance']} {where} {p['call_id']}: {p['detail']}")
+        print("chain intact" if report["ok"] else f"TAMPERING: {report['problems_total']} problem(s)")
+    return 0 if report["ok"] else 1
+
+
 def cmd_ca_path(args: argparse.Namespace) -> int:
     from mitmproxy import certs
 
@@ -253,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sql.set_defaults(func=cmd_audit_sql)
     register_cli(audit, with_admin)
+    verify = with_admin(audit.add_parser("verify", help="check the audit hash chain for deleted or altered rows"))
+    verify.add_argument("--instance", help="one gateway instance (default: all)")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_audit_verify)
 
     approvals = sub.add_parser("approvals", help="approval holds").add_subparsers(dest="approvals_command",
                                                                                 required=True)

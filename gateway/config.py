@@ -109,6 +109,12 @@ class AuditConfig(_Section):
     queue_max: int = Field(default=100_000, ge=1)
     ttl_days: int = Field(default=90, ge=1)
     sql_row_limit: int = Field(default=10_000, ge=1)
+    spool_max_bytes: int = Field(default=1 << 30, ge=1 << 16)
+    """Disk quota of the write-ahead spool in <data_dir>/spool (backlog while ClickHouse is away)."""
+    required: bool = False
+    """True: refuse new calls (503 audit_unavailable) when the spool cannot take their record."""
+    spool_fsync: bool = True
+    """fsync each group commit (off: survives kill -9 but not power loss)."""
 
 
 class CredentialConfig(_Section):

@@ -206,7 +206,8 @@ def classify(call: Call, limit: int) -> None:
     """Mark an MCP call: ``call.rpc``, ``call.tool_input`` (``input.tool``) and audit fields."""
     req = call.request
     value = _load_json(req.body, limit)
-    msg = as_message(value) if isinstance(value, dict) else None
+    in_batch = call.rpc is not None and call.rpc.batch  # set by run_batch on its element calls
+    msg = as_message(value, batch=in_batch) if isinstance(value, dict) else None
     if msg is None:
         if req.body or req.header("mcp-session-id") is None:
             return
@@ -748,17 +749,16 @@ async def _json_answer(pipeline: Pipeline, call: Call, reply: Reply) -> Reply | 
     """The JSON-RPC answer in ``reply``, processed, as application/json; None if there is none."""
     msg = call.rpc
     assert msg is not None
-    ctype = _header(reply.headers, "content-type")
-    handler = reply_handler(pipeline, call, reply.status, ctype, _header(reply.headers, "content-encoding"))
-    if handler is None:
-        return None
+    ctype, encoding = _header(reply.headers, "content-type"), _header(reply.headers, "content-encoding")
     try:
-        encs = parse_encodings(handler.content_encoding)
+        encs = parse_encodings(encoding)
         decoded, _ = decode_codings(reply.body, encs, MAX_REPLY_BYTES) if encs else (reply.body, [])
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - unknown or broken coding: nothing readable
         decoded = b""
-    processed = await handler.process(decoded)
-    message = response_message(processed, ctype, msg.id)
+    handler = reply_handler(pipeline, call, reply.status, ctype, encoding)
+    if handler is not None:
+        decoded = await handler.process(decoded)
+    message = response_message(decoded, ctype, msg.id)
     if message is None:
         return None
     headers = {k: v for k, v in reply.headers.items() if k.lower() not in ("content-type", "content-encoding")}
@@ -780,6 +780,7 @@ def _element_call(call: Call, item: Any) -> Call:
     request = dataclasses.replace(call.request, body=_dumps(item), headers=headers)
     sub = Call(request=request)
     sub.trace_id = call.trace_id
+    sub.rpc = RpcMessage(None, batch=True)  # classify() keeps the batch mark
     return sub
 
 

@@ -23,6 +23,13 @@ class Metrics:
         self.audit_dropped = Gauge(
             "agentgate_audit_dropped", "Audit rows dropped because the queue was full",
             registry=self.registry)
+        self.audit_spool_bytes = Gauge(
+            "agentgate_audit_spool_bytes", "Bytes of audit records in the local spool", registry=self.registry)
+        self.audit_spool_full = Gauge(
+            "agentgate_audit_spool_full", "1 when the spool reached its disk quota", registry=self.registry)
+        self.audit_store_reachable = Gauge(
+            "agentgate_audit_store_reachable", "1 when the last shipment to ClickHouse succeeded",
+            registry=self.registry)
         self.policy_reloads = Gauge(
             "agentgate_policy_reloads", "Successful policy bundle reloads", registry=self.registry)
 

@@ -111,4 +111,15 @@ class Call:
     """The response redaction plan (gateway.redaction.Plan) the decision asked for, if any."""
     redacted_paths: list[str] = field(default_factory=list)
     redaction_counts: dict[str, int] = field(default_factory=dict)
+    # MCP / JSON-RPC (gateway/mcp.py)
+    rpc: Any = None
+    """The call's JSON-RPC message (gateway.mcp.RpcMessage) when it is an MCP call."""
+    tool_input: dict[str, Any] | None = None
+    """``input.tool`` for policy when it says more than ``{kind: tool_kind}``."""
+    rpc_method: str = ""
+    rpc_id: str = ""
+    tool_arguments: str = ""
+    """Tool arguments as scrubbed JSON, for the audit."""
+    tool_error: bool = False
+    """The tool result said ``isError``."""
     finished: bool = False

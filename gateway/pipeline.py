@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from gateway.canonical import canonical_host, canonical_path, canonical_port
 from gateway.config import Config
 from gateway.errors import BadRequest, Forbidden, GatewayError, Unauthenticated
+from gateway import mcp
 from gateway.approvals import Approvals
 from gateway.identity import IdentityError, JwtVerifier, extract_bearer
 from gateway.killswitch import KillSwitches
@@ -36,7 +37,8 @@ from gateway.policy import PolicyEngine
 from gateway.policy.input import build_input
 from gateway.redaction import NotRedactable, RedactionReport, Redactor
 from gateway.streams import OpenStreams
-from storage.audit import AuditWriter, call_to_row
+from storage.audit import call_to_row
+from storage.spool import AuditSpool, AuditUnavailable
 
 log = logging.getLogger("agentgate.pipeline")
 
@@ -61,7 +63,7 @@ def trace_id_for(request: GatewayRequest) -> str:
 
 class Pipeline:
     def __init__(self, cfg: Config, *, verifier: JwtVerifier, engine: PolicyEngine,
-                 audit: AuditWriter, metrics: Metrics, instance: str, killswitches: KillSwitches,
+                 audit: AuditSpool, metrics: Metrics, instance: str, killswitches: KillSwitches,
                  approvals: Approvals, streams: OpenStreams, redactor: Redactor) -> None:
         self.cfg = cfg
         self.verifier = verifier
@@ -79,12 +81,15 @@ class Pipeline:
     async def admit(self, call: Call, *, credential: str | None = None,
                     identity: Identity | None = None) -> None:
         """identity → kill-switch → policy → approval; raises GatewayError to refuse."""
-        call.trace_id = trace_id_for(call.request)
+        call.trace_id = call.trace_id or trace_id_for(call.request)  # batch elements share one
         call.request_bytes = len(call.request.body)
+        mcp.classify(call, self.cfg.policy.inspect_body_bytes)  # MCP: input.tool and audit fields
         call.identity = await self.authenticate(call.request.mode, credential, identity)
+        mcp.check_headers(call)
         self._check_killswitch(call)
         await self._decide(call)
         await self._approval(call)
+        await self._write_ahead(call)
 
     async def run(self, call: Call, upstream: Upstream, *, credential: str | None) -> Any:
         """Route front end: the whole pipeline around ``upstream``. Never raises GatewayError
@@ -99,7 +104,7 @@ class Pipeline:
 
     def fail(self, call: Call, err: GatewayError) -> None:
         """Record a refusal or failure on the call and finish it."""
-        call.status = err.status
+        call.status = mcp.refusal_status(call, err)  # MCP refusals are JSON-RPC errors (HTTP 200)
         call.error_code = err.code
         call.outcome = err.outcome
         if err.message and not call.reasons:
@@ -244,6 +249,14 @@ class Pipeline:
                 call.redacted_paths.append(path)
         for kind, n in report.counts.items():
             call.redaction_counts[kind] = call.redaction_counts.get(kind, 0) + n
+
+    async def _write_ahead(self, call: Call) -> None:
+        """No action reaches an upstream without a durable record of it."""
+        try:
+            await self.audit.begin(call_to_row(call, instance=self.instance))
+        except AuditUnavailable as exc:
+            raise GatewayError(f"audit unavailable: {exc}", code="audit_unavailable", status=503,
+                               outcome="audit_unavailable") from None
 
     def _check_killswitch(self, call: Call) -> None:
         assert call.identity is not None

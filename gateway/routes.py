@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway import mcp
 from gateway.errors import CALL_ID_HEADER, GatewayError, error_body
 from gateway.models import Call, GatewayRequest
 from gateway.pipeline import Pipeline
@@ -31,6 +32,16 @@ open-ended ones (SSE, downloads) are streamed chunk by chunk."""
 def error_response(err: GatewayError, call_id: str) -> web.Response:
     headers = {CALL_ID_HEADER: call_id, "Content-Type": "application/json", **err.headers}
     return web.Response(status=err.status, body=error_body(err.code, err.message, call_id), headers=headers)
+
+
+def refusal_response(call: Call, err: GatewayError) -> web.Response:
+    """A refused call's answer: a JSON-RPC error for an MCP request (gateway/mcp.py), else HTTP's."""
+    reply = mcp.refusal(call, err)
+    return error_response(err, call.call_id) if reply is None else reply_response(reply)
+
+
+def reply_response(reply: mcp.Reply) -> web.Response:
+    return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
 
 def _split_raw_path(raw: str) -> tuple[str | None, str, str]:
@@ -75,10 +86,13 @@ class RouteFrontEnd:
         # Policy sees the upstream's host and scheme, not the gateway's.
         target = self.upstream.target(route)  # type: ignore[arg-type]
         greq.scheme, greq.host, greq.port = target
+        if (batch := mcp.batch_of(call, self.pipeline.cfg.policy.inspect_body_bytes)) is not None:
+            return reply_response(await mcp.run_batch(  # JSON-RPC batch: each element its own call
+                self.pipeline, call, batch, credential=credential, send=mcp.route_sender(self.upstream)))
         try:
             upstream_resp = await self.pipeline.run(call, self.upstream, credential=credential)
         except GatewayError as err:
-            return error_response(err, call.call_id)
+            return refusal_response(call, err)
         except Exception:  # noqa: BLE001 - never let a bug leave a call unaudited
             log.exception("internal error on call %s", call.call_id)
             err = GatewayError("internal gateway error")
@@ -115,20 +129,26 @@ class RouteFrontEnd:
         length = upstream.content_length
         is_sse = upstream.content_type == "text/event-stream"
         sse = None
+        rpc = mcp.reply_handler(self.pipeline, call, upstream.status, upstream.headers.get("Content-Type", ""),
+                                upstream.headers.get("Content-Encoding"))
         try:
+            if rpc is not None and rpc.buffered:  # an MCP listing: read whole, filtered by policy
+                return await self._relay_mcp_listing(call, upstream, headers, rpc)
             if call.redaction is not None:
                 if is_sse:
                     sse = self._sse_redactor(call, upstream)
                 elif not await self._must_stream_unredacted(call, length):
-                    return await self._relay_redacted(request, call, upstream, headers)
+                    return await self._relay_redacted(request, call, upstream, headers, rpc)
             elif not (length is None or length > _BUFFER_LIMIT or is_sse):
                 try:
                     body = await upstream.read()
                 except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
                     return error_response(self._broken(call, exc), call.call_id)
+                if rpc is not None:
+                    await rpc.body(body)  # MCP: records the tool result's isError
                 self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
                 return web.Response(status=upstream.status, body=body, headers=headers)
-            return await self._relay_stream(request, call, upstream, headers, sse)
+            return await self._relay_stream(request, call, upstream, headers, sse, rpc=rpc)
         except GatewayError as err:  # the response cannot be redacted and the route refuses it
             self.pipeline.fail(call, err)
             return error_response(err, call.call_id)
@@ -150,8 +170,17 @@ class RouteFrontEnd:
             return True
         return False
 
+    async def _relay_mcp_listing(self, call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                                 rpc: mcp.ReplyHandler) -> web.Response:
+        reply = await mcp.read_reply(upstream)
+        body = await rpc.body(reply.body)
+        body = await self.pipeline.redact(call, body, content_type=upstream.headers.get("Content-Type", ""),
+                                          content_encoding=upstream.headers.get("Content-Encoding"))
+        self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
+        return web.Response(status=upstream.status, body=body, headers=headers)
+
     async def _relay_redacted(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
-                              headers: CIMultiDict[str]) -> web.StreamResponse:
+                              headers: CIMultiDict[str], rpc: mcp.ReplyHandler | None = None) -> web.StreamResponse:
         limit = self.pipeline.cfg.redaction.max_inspect_bytes
         try:
             body, complete = await _read_bounded(upstream, limit)
@@ -160,13 +189,16 @@ class RouteFrontEnd:
         if not complete:  # refused here, unless the route lets it pass: then stream it on as is
             self.pipeline.unredactable(call, NotRedactable("too_large", f"body exceeds {limit} bytes"))
             return await self._relay_stream(request, call, upstream, headers, None, prefix=body)
+        if rpc is not None:
+            await rpc.body(body)  # MCP: records the tool result's isError
         body = await self.pipeline.redact(call, body, content_type=upstream.headers.get("Content-Type", ""),
                                           content_encoding=upstream.headers.get("Content-Encoding"))
         self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
-                            headers: CIMultiDict[str], sse: Any, prefix: bytes = b"") -> web.StreamResponse:
+                            headers: CIMultiDict[str], sse: Any, prefix: bytes = b"",
+                            rpc: mcp.ReplyHandler | None = None) -> web.StreamResponse:
         resp = web.StreamResponse(status=upstream.status, headers=headers)
         await resp.prepare(request)
         if prefix:
@@ -182,6 +214,8 @@ class RouteFrontEnd:
         failure: GatewayError | None = None
         try:
             async for chunk in upstream.content.iter_any():
+                if rpc is not None:
+                    rpc.feed(chunk)  # MCP: observes the tool result's isError as events pass
                 out = sse.feed(chunk) if sse is not None else chunk
                 if out:
                     await resp.write(out)

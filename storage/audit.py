@@ -129,6 +129,10 @@ def call_to_row(call: "Call", *, instance: str) -> tuple[Any, ...]:
         "row_hash": "",
         "redacted_paths": list(call.redacted_paths),
         "redaction_counts": dict(call.redaction_counts),
+        "rpc_method": call.rpc_method,
+        "rpc_id": call.rpc_id,
+        "tool_arguments": call.tool_arguments,
+        "tool_error": 1 if call.tool_error else 0,
     }
     return tuple(values[name] for name in schema.COLUMN_NAMES)
 

@@ -32,11 +32,14 @@ import math
 import re
 import struct
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage import schema
+
+if TYPE_CHECKING:
+    from storage.store import Store
 
 CHAIN_VERSION = b"agentgate-chain-v1"
 GENESIS = ""
@@ -48,6 +51,7 @@ SEQ, PREV_HASH, ROW_HASH, INSTANCE, CALL_ID = (
     _IDX["seq"], _IDX["prev_hash"], _IDX["row_hash"], _IDX["gateway_instance"], _IDX["call_id"])
 
 Conv = Callable[[Any], Any]
+VERIFY_SETTINGS: dict[str, Any] = {"max_execution_time": 600}
 
 
 # ---------------------------------------------------------------------------- value forms
@@ -262,73 +266,70 @@ class _Collector:
             self.report.problems.append(p)
 
 
-def _instances(client: Any, table: str, instance: str | None) -> list[str]:
-    if instance is not None:
-        return [instance]
-    rows = client.query(f"SELECT DISTINCT gateway_instance FROM {table} WHERE seq > 0 "
-                        "ORDER BY gateway_instance").result_rows
-    return [str(r[0]) for r in rows]
+Query = tuple[str, dict[str, Any]]
+Rows = list[tuple[Any, ...]]
+Steps = Generator[Query, Rows, Any]
 
 
-def _links(client: Any, table: str, instance: str, page_rows: int) -> Iterator[tuple[Any, ...]]:
-    """(seq, call_id, prev_hash, row_hash, ts_start) of ``instance`` by seq, in keyset pages.
+def _q(sql: str, **params: Any) -> Steps:
+    """One query step: the driver runs it and sends back its rows."""
+    return (yield (sql, params))
+
+
+def _check_links(table: str, instance: str, page_rows: int, ttl_days: int | None,
+                 now: dt.datetime, out: _Collector) -> Steps:
+    """Walk ``instance``'s chain by seq in keyset pages of a few columns.
 
     Without FINAL: identical copies of a row (a replayed insert not yet merged) are collapsed
-    by the caller, while two *different* rows with one seq stay visible as a forgery."""
-    last = 0
-    while True:
-        rows = client.query(
-            f"SELECT seq, toString(call_id), prev_hash, row_hash, ts_start FROM {table} "
-            "WHERE gateway_instance = {i:String} AND seq > {last:UInt64} "
-            "ORDER BY seq LIMIT {n:UInt64} WITH TIES",
-            parameters={"i": instance, "last": last, "n": page_rows}).result_rows
-        if not rows:
-            return
-        yield from rows
-        last = int(rows[-1][0])
-
-
-def _check_links(client: Any, table: str, instance: str, page_rows: int, ttl_days: int | None,
-                 now: dt.datetime, out: _Collector) -> None:
+    here, while two *different* rows claiming one seq stay visible as a forgery."""
     summary = out.report.instances.setdefault(instance, InstanceSummary(instance))
     prev: tuple[Any, ...] | None = None
-    for seq, call_id, prev_hash, digest, ts_start in _links(client, table, instance, page_rows):
-        seq = int(seq)
-        if prev is not None and seq == prev[0]:
-            if (call_id, prev_hash, digest) != prev[1:4]:
-                out.add(Problem("duplicate_seq", instance, seq, call_id,
-                                f"seq {seq} is claimed by call {prev[1]} and call {call_id}"))
-            continue
-        summary.rows += 1
-        if prev is None:
-            summary.first_seq = seq
-            if seq > 1:
-                young = ttl_days is None or _micros(ts_start) > _micros(now) - (ttl_days - 1) * 86_400_000_000
-                if young:
-                    out.add(Problem("missing", instance, 1, call_id,
-                                    f"rows 1..{seq - 1} are missing before call {call_id}", seq - 1))
-                else:
-                    summary.head_expired = True
-            elif prev_hash != GENESIS:
-                out.add(Problem("broken_link", instance, seq, call_id, "first row links to a previous row"))
-        else:
-            if seq > prev[0] + 1:
+    last = 0
+    while True:
+        rows = yield from _q(
+            f"SELECT seq, toString(call_id), prev_hash, row_hash, ts_start FROM {table} "
+            "WHERE gateway_instance = {i:String} AND seq > {last:UInt64} "
+            "ORDER BY seq LIMIT {n:UInt64} WITH TIES", i=instance, last=last, n=page_rows)
+        if not rows:
+            return
+        last = int(rows[-1][0])
+        for seq, call_id, prev_hash, digest, ts_start in rows:
+            seq = int(seq)
+            if prev is not None and seq == prev[0]:
+                if (call_id, prev_hash, digest) != prev[1:4]:
+                    out.add(Problem("duplicate_seq", instance, seq, call_id,
+                                    f"seq {seq} is claimed by call {prev[1]} and call {call_id}"))
+                continue
+            summary.rows += 1
+            if prev is None:
+                summary.first_seq = seq
+                if seq > 1:
+                    young = ttl_days is None or \
+                        _micros(ts_start) > _micros(now) - (ttl_days - 1) * 86_400_000_000
+                    if young:
+                        out.add(Problem("missing", instance, 1, call_id,
+                                        f"rows 1..{seq - 1} are missing before call {call_id}", seq - 1))
+                    else:
+                        summary.head_expired = True
+                elif prev_hash != GENESIS:
+                    out.add(Problem("broken_link", instance, seq, call_id, "first row links to a previous row"))
+            elif seq > prev[0] + 1:
                 out.add(Problem("missing", instance, prev[0] + 1, call_id,
                                 f"rows {prev[0] + 1}..{seq - 1} are missing between call {prev[1]} "
                                 f"and call {call_id}", seq - 1))
             elif prev_hash != prev[3]:
                 out.add(Problem("broken_link", instance, seq, call_id,
                                 f"prev_hash does not match row_hash of seq {prev[0]} (call {prev[1]})"))
-        prev = (seq, call_id, prev_hash, digest)
-        summary.last_seq = seq
+            prev = (seq, call_id, prev_hash, digest)
+            summary.last_seq = seq
 
 
-def _check_contents(client: Any, table: str, instance: str | None, page_rows: int, out: _Collector) -> None:
+def _check_contents(table: str, instance: str | None, page_rows: int, out: _Collector) -> Steps:
     """Recompute every chained row's hash, reading day partitions in time windows of ~page_rows."""
     where = "seq > 0" + ("" if instance is None else " AND gateway_instance = {i:String}")
     params: dict[str, Any] = {} if instance is None else {"i": instance}
-    days = client.query(f"SELECT toUnixTimestamp(toStartOfDay(ts_start, 'UTC')), count() FROM {table} "
-                        f"WHERE {where} GROUP BY 1 ORDER BY 1", parameters=params).result_rows
+    days = yield from _q(f"SELECT toUnixTimestamp(toStartOfDay(ts_start, 'UTC')), count() FROM {table} "
+                         f"WHERE {where} GROUP BY 1 ORDER BY 1", **params)
     cols = ", ".join(f"`{n}`" for n in schema.COLUMN_NAMES)
     day_us = 86_400_000_000
     for day_start, count in days:
@@ -337,21 +338,20 @@ def _check_contents(client: Any, table: str, instance: str | None, page_rows: in
         start = int(day_start) * 1_000_000
         for k in range(windows):
             lo, hi = start + k * step, min(start + (k + 1) * step, start + day_us)
-            rows = client.query(
+            rows = yield from _q(
                 f"SELECT {cols} FROM {table} WHERE {where} "
                 "AND ts_start >= fromUnixTimestamp64Micro({lo:Int64}, 'UTC') "
-                "AND ts_start < fromUnixTimestamp64Micro({hi:Int64}, 'UTC')",
-                parameters={**params, "lo": lo, "hi": hi}).result_rows
+                "AND ts_start < fromUnixTimestamp64Micro({hi:Int64}, 'UTC')", **params, lo=lo, hi=hi)
             for row in rows:
                 if row_hash(row) != row[ROW_HASH]:
                     out.add(Problem("altered", str(row[INSTANCE]), int(row[SEQ]), str(row[CALL_ID]),
                                     "row content does not match its row_hash"))
 
 
-def verify(client: Any, database: str, instance: str | None = None, *,
-           expected_heads: Mapping[str, int] | None = None, page_rows: int = 50_000,
-           max_problems: int = 1000, now: dt.datetime | None = None) -> VerifyReport:
-    """Walk each instance's chain (blocking; run with ``Store.run``) and report every problem.
+def verify_steps(database: str, instance: str | None = None, *,
+                 expected_heads: Mapping[str, int] | None = None, page_rows: int = 20_000,
+                 max_problems: int = 1000, now: dt.datetime | None = None) -> Steps:
+    """The verification as a sequence of read-only queries; returns the VerifyReport.
 
     Two passes, each in bounded pages so memory stays flat for millions of rows: the links
     (seq order, keyset pages of a few columns) and the contents (every row's hash recomputed,
@@ -363,9 +363,17 @@ def verify(client: Any, database: str, instance: str | None = None, *,
     report = VerifyReport()
     out = _Collector(report, max_problems)
     now = now or dt.datetime.now(dt.timezone.utc)
-    ttl_days = schema.current_ttl_days(client, database)
-    for name in _instances(client, table, instance):
-        _check_links(client, table, name, page_rows, ttl_days, now, out)
+    engine = yield from _q("SELECT engine_full FROM system.tables WHERE database = {db:String} "
+                           "AND name = {t:String}", db=database, t=schema.CALLS_TABLE)
+    ttl = schema._TTL_DAYS.search(str(engine[0][0])) if engine else None
+    ttl_days = int(ttl.group(1)) if ttl else None
+    if instance is not None:
+        names = [instance]
+    else:
+        rows = yield from _q(f"SELECT DISTINCT gateway_instance FROM {table} WHERE seq > 0 ORDER BY 1")
+        names = [str(r[0]) for r in rows]
+    for name in names:
+        yield from _check_links(table, name, page_rows, ttl_days, now, out)
     for name, expected in (expected_heads or {}).items():
         if instance is not None and name != instance:
             continue
@@ -374,8 +382,40 @@ def verify(client: Any, database: str, instance: str | None = None, *,
             out.add(Problem("missing_tail", name, summary.last_seq + 1, "",
                             f"rows {summary.last_seq + 1}..{expected} were shipped by the gateway "
                             "but are not in the store", expected))
-    _check_contents(client, table, instance, page_rows, out)
+    yield from _check_contents(table, instance, page_rows, out)
     if instance is None:
-        report.unchained_rows = int(client.query(f"SELECT count() FROM {table} FINAL WHERE seq = 0").result_rows[0][0])
+        [(count,)] = yield from _q(f"SELECT count() FROM {table} FINAL WHERE seq = 0")
+        report.unchained_rows = int(count)
     report.problems.sort(key=lambda p: (p.instance, p.seq, p.kind))
     return report
+
+
+def _rows(client: Any, sql: str, params: dict[str, Any]) -> Rows:
+    return list(client.query(sql, parameters=params, settings=VERIFY_SETTINGS).result_rows)
+
+
+def verify(client: Any, database: str, instance: str | None = None, **kw: Any) -> VerifyReport:
+    """Walk each instance's chain and report every problem (blocking, on one client).
+
+    For a gateway's live store prefer :func:`verify_store`: it releases the store's worker
+    between pages, so audit inserts keep flowing while a long verification runs."""
+    steps = verify_steps(database, instance, **kw)
+    rows: Rows | None = None
+    try:
+        while True:
+            sql, params = steps.send(rows)  # type: ignore[arg-type]
+            rows = _rows(client, sql, params)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def verify_store(store: "Store", instance: str | None = None, **kw: Any) -> VerifyReport:
+    """:func:`verify` on ``store``'s database, one store call per page."""
+    steps = verify_steps(store.database, instance, **kw)
+    rows: Rows | None = None
+    try:
+        while True:
+            sql, params = steps.send(rows)  # type: ignore[arg-type]
+            rows = await store.run(_rows, sql, params)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]

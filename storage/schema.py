@@ -98,6 +98,11 @@ COLUMNS: tuple[Column, ...] = (
     # version 4: response redaction (paths and counts only, never values)
     Column("redacted_paths", "Array(String)", "JSON paths redacted in the response (capped list), e.g. $.ticket.requester.email"),
     Column("redaction_counts", "Map(String, UInt32)", "Redactions per detector (and 'field' for JSONPath fields)"),
+    # version 5: MCP / JSON-RPC (gateway/mcp.py)
+    Column("rpc_method", "LowCardinality(String)", "JSON-RPC method of an MCP call (tools/call, tools/list ...); empty otherwise"),
+    Column("rpc_id", "String", "JSON-RPC id of an MCP request (strings as sent, numbers as JSON); empty for notifications"),
+    Column("tool_arguments", "String", "MCP tool (or prompt) arguments as JSON, secrets and personal data scrubbed, at most 4096 characters"),
+    Column("tool_error", "UInt8", "1 if the MCP tool result said isError (a tool failure, not a transport error)"),
 )
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 COLUMN_TYPES: tuple[str, ...] = tuple(c.type for c in COLUMNS)
@@ -244,6 +249,7 @@ def migrations(database: str, ttl_days: int) -> list[tuple[int, list[Step]]]:
             + hourly_ddl(database, ttl_days)
             + [lambda client: backfill_hourly(client, database)]),
         (4, _add_columns(database, ("redacted_paths", "redaction_counts"))),
+        (5, _add_columns(database, ("rpc_method", "rpc_id", "tool_arguments", "tool_error"))),
     ]
 
 

@@ -459,8 +459,11 @@ class _Batch:
 class AuditSpool:
     """Durable audit: ``await begin(row)`` before the upstream, ``submit(row)`` when done.
 
-    Counters for /readyz and /metrics: ``depth`` (rows not yet in the store), ``bytes`` (on
-    disk and queued), ``dropped``, ``healthy``, ``full``; :meth:`status` has them all.
+    Replaces AuditWriter for the pipeline: ``submit``, ``flush`` (rows in the store), ``depth``,
+    ``dropped``, ``written``, ``start``, ``close`` keep their meaning; new are ``begin``,
+    ``sync`` (records on disk), ``bytes``, ``full``, ``required``, ``healthy``, :meth:`status`
+    (everything /readyz and /metrics show) and the ``store`` setter. ``dropped`` counts
+    records (a BEGIN or a row) that were not spooled.
     """
 
     MAX_BACKOFF_SECONDS = 5.0
@@ -481,7 +484,8 @@ class AuditSpool:
         self.spool_max_bytes = spool_max_bytes
         self.required = required
         self.fsync = fsync
-        self.segment_bytes = segment_bytes
+        # The open segment is only deleted once rotated: keep it a small part of the quota.
+        self.segment_bytes = max(4096, min(segment_bytes, spool_max_bytes // 8))
         self.begin_timeout_seconds = begin_timeout_seconds
         self.retry_min_seconds = retry_min_seconds
         self._chain: Chain | None = None
@@ -713,6 +717,8 @@ class AuditSpool:
             header_size = await loop.run_in_executor(self._io, self._log.open, rec.next_seg)
         except BaseException:
             self._shutdown_io()
+            os.close(self._lock_fd)
+            self._lock_fd = -1
             raise
         self._chain = Chain(rec.heads)
         self._sizes = {**rec.sizes, rec.next_seg: header_size}
@@ -937,20 +943,23 @@ class AuditSpool:
                 await _wait_event(self._wake_shipper, self.flush_interval_seconds)
             assert self._ship_io is not None
             batch = await loop.run_in_executor(self._ship_io, self._read_batch, self._synced,
-                                               sorted(self._sizes))
+                                               dict(self._sizes))
             if batch.rows and not await self._insert(batch):
                 return  # closing with the store down: the spool keeps the rows
             await self._commit(batch)
 
-    def _read_batch(self, limit: Pos, segs: list[int]) -> _Batch:
-        """Read records from the read position up to ``limit`` (blocking, shipper thread)."""
+    def _read_batch(self, limit: Pos, sizes: dict[int, int]) -> _Batch:
+        """Read records from the read position up to ``limit`` (blocking, shipper thread).
+
+        A segment is read up to the size the writer recorded for it (what it wrote and
+        synced), never to whatever else the file may hold."""
         rows: list[tuple[Any, ...]] = []
         digest = hashlib.sha256()
         pos = self._read_pos
-        present = set(segs)
+        segs = sorted(sizes)
         while pos < limit and len(rows) < self.batch_size:
             seg, off = pos
-            if seg not in present:
+            if seg not in sizes:
                 later = [s for s in segs if s > seg]
                 pos = (later[0], 0) if later and later[0] <= limit[0] else limit
                 continue
@@ -958,7 +967,7 @@ class AuditSpool:
             if seg not in self._headers:
                 self._headers[seg] = read_header(path)
             columns = self._headers[seg]
-            end = limit[1] if seg == limit[0] else None
+            end = limit[1] if seg == limit[0] else sizes[seg]
             if columns is None:
                 log.error("audit spool segment %s has no valid header: skipped", path.name)
                 pos = (seg + 1, 0) if seg < limit[0] else limit

@@ -28,7 +28,8 @@ def test_health_and_readiness(gw: Gateway) -> None:
     ready = http("GET", f"http://{gw.admin}/readyz")
     assert ready.status == 200
     doc = ready.json()
-    assert doc["ready"] is True and doc["checks"] == {"policy": True, "store": True}
+    assert doc["ready"] is True and doc["checks"] == {"policy": True, "audit": True, "store": True}
+    assert doc["audit"]["depth"] >= 0 and doc["audit"]["spool_writable"] is True
     assert doc["policy_revision"]
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from storage import schema
 from storage.audit import _insert, call_to_row
-from storage.chain import GENESIS, Chain, Head, canonical, last_head, normalize, row_hash, verify
+from storage.chain import (GENESIS, Chain, Head, canonical, last_head, normalize, row_hash, verify,
+                           verify_store)
 from storage.store import Store
 from tests.test_storage import dsn, make_call, select
 
@@ -138,7 +139,7 @@ async def test_altered_row_is_a_hash_mismatch(store: Store) -> None:
     rows = chained(6)
     await insert(store, rows)
     await command(store, "ALTER TABLE agentgate.calls UPDATE status = 200, outcome = 'allowed' WHERE seq = 3")
-    report = await store.run(verify, DB)
+    report = await verify_store(store, page_rows=2)  # page by page on the store's worker
     assert kinds(report) == [("altered", 3)]
     assert report.problems[0].call_id == str(rows[2][COL["call_id"]])
 

@@ -84,7 +84,7 @@ def build_input(call: Call, *, port: int | None, segments: list[str], inspect_li
             "content_type": content_type,
         },
         "route": req.route,
-        "tool": {"kind": call.tool_kind},
+        "tool": call.tool_input or {"kind": call.tool_kind},  # MCP: see gateway/mcp.py
         "context": {
             "time_ns": call.ts_start_ns,
             "mode": req.mode,
