@@ -106,7 +106,6 @@ class AuditConfig(_Section):
     database: str = "agentgate"
     batch_size: int = Field(default=2000, ge=1)
     flush_interval_seconds: float = Field(default=0.2, gt=0)
-    queue_max: int = Field(default=100_000, ge=1)
     ttl_days: int = Field(default=90, ge=1)
     sql_row_limit: int = Field(default=10_000, ge=1)
     spool_max_bytes: int = Field(default=1 << 30, ge=1 << 16)
