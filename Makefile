@@ -33,6 +33,11 @@ tools:
 test: $(STAMP) $(MCP_STAMP) tools
 	$(PY) -m pytest -q
 
+# Benchmarks on 127.0.0.1 (bench/results/latest.{json,md}); e.g. make bench BENCH_ARGS="--duration 5 --only route,forward"
+bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; } || true
+	$(PY) -m bench $(BENCH_ARGS)
+
 # Regenerate the lock after changing dependencies in pyproject.toml (needs pip-tools).
 lock:
 	$(PY) -m pip install --quiet pip-tools

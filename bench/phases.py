@@ -115,7 +115,9 @@ async def measure(env: Env, scenario: Scenario) -> dict[str, Any]:
         out["audit_loaded"] = await audit_stats(env, trace_id(scenario, f"c{conns}"))
     if scenario.pid and cpu0 is not None:
         cpu = procs.cpu_seconds(scenario.pid) - cpu0
-        out["cpu_us_per_request"] = round(cpu / loaded.requests * 1e6, 1) if loaded.requests else None
+        # The gateway's own count (audit rows) includes requests wrk left in flight when it stopped.
+        served = out.get("audit_loaded", {}).get("rows") or loaded.requests
+        out["cpu_us_per_request"] = round(cpu / served * 1e6, 1) if served else None
         out["cpu_utilisation"] = round(cpu / loaded.duration_s, 3) if loaded.duration_s else None
     foreign = procs.ForeignLoad()
     single = await run_phase(env, scenario, connections=1, requests=opts.requests,

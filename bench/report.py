@@ -128,7 +128,7 @@ def table(report: dict[str, Any]) -> str:
         lo, si = r["loaded"], r["single"]
         lines.append(" ".join([
             f"| {r['config']} | {r['workload']} | {r['generator']} | {_num(lo['rps'])}",
-            f"| {_num(r.get('ratio_to_baseline'), '{:.2f}')} | {_ms(si['p50_us'])} | {_ms(si['p99_us'])}",
+            f"| {_num(r.get('ratio_to_baseline'), '{:.3f}')} | {_ms(si['p50_us'])} | {_ms(si['p99_us'])}",
             f"| {_ms(lo['p50_us'])} | {_ms(lo['p99_us'])} | {_num(r.get('cpu_us_per_request'))}",
             f"| {_num(r.get('peak_rss_mb'))}",
             f"| {_pair(_get(r, 'audit_single', 'decision_p50_us'), _get(r, 'audit_single', 'decision_p99_us'))}",

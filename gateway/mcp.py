@@ -1,11 +1,12 @@
 """MCP awareness: JSON-RPC 2.0 bodies become tool calls that policy judges by name and arguments,
 and the gateway answers them the way MCP clients understand. Front ends only translate.
 
-Recognition (:func:`classify`, from ``Pipeline.admit``, before identity so refusals are
-attributed): a body holding one JSON-RPC 2.0 message (request, notification, or a response
-the client sends back) on any route or forwarded host makes the call ``tool_kind = "mcp"``, as
-does a bodiless request carrying ``Mcp-Session-Id`` (the SSE GET and the session-ending DELETE;
-``method`` null). Policy then sees, with every HTTP field unchanged::
+Recognition (:func:`classify`, from ``Pipeline.admit`` once the agent is identified; bodies
+of unauthenticated requests are not parsed): a body holding one JSON-RPC 2.0 message (request,
+notification, or a response the client sends back) on any route or forwarded host makes the
+call ``tool_kind = "mcp"``, as does a bodiless request carrying ``Mcp-Session-Id`` (the SSE GET
+and the session-ending DELETE; ``method`` null). Policy then sees, with every HTTP field
+unchanged::
 
     input.tool = {kind: "mcp", method, server, jsonrpc_id, batch}      server: route name, or
                + {name, arguments}  tools/call, prompts/get             canonical host (forward)
@@ -26,6 +27,9 @@ Refusals after identity (:func:`refusal`) are JSON-RPC errors: HTTP 200, applica
     malformed element -32600, internal error -32603, any other refusal -32000
 
 Identity failures stay HTTP 401/407; a refused notification (no id) gets the usual 403 JSON.
+Approval holds work as for any request; note that an approval is bound to the exact body
+(gateway/approvals.py), JSON-RPC id included, so a retry after the hold timed out passes only
+if the client resends the same id (approving while the call is held always works).
 
 Answers (:class:`ReplyHandler`): ``tools/list``, ``resources/list`` and ``prompts/list`` are
 read whole (JSON or SSE, decoded if compressed) and every listed item is judged like a call to
@@ -41,8 +45,8 @@ Batches (:func:`run_batch`): the mcp 2.x server rejects JSON-RPC batches, so the
 them. Each element is its own call (own call_id and audit row, the batch's trace_id), admitted
 (approval holds included) and forwarded one at a time, in order, with ``Accept: application/json,
 text/event-stream`` (from an SSE answer the message with the element's id is taken; other
-events are dropped). Refused elements become JSON-RPC errors in place and never reach the
-upstream. The answer is a JSON array in request order (notifications add nothing; nothing at
+events are dropped; the decision's redaction applies to each answer). Refused elements become
+JSON-RPC errors in place and never reach the upstream. The answer is a JSON array in request order (notifications add nothing; nothing at
 all: 202) with X-Agentgate-Call-Id listing the elements' call ids, comma separated, in order.
 A batch refused as a whole (identity) is one audit row.
 
@@ -174,8 +178,8 @@ def as_message(value: Any, *, batch: bool = False) -> RpcMessage | None:
 
 def _load_json(body: bytes, limit: int) -> Any:
     """The parsed body when it may be JSON-RPC (an object or array within ``limit``), else None."""
-    if not body or len(body) > limit or body.lstrip()[:1] not in (b"{", b"["):
-        return None
+    if not body or len(body) > limit or body.lstrip()[:1] not in (b"{", b"[") or b"jsonrpc" not in body:
+        return None  # the substring test spares a JSON parse for every other JSON body
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
@@ -198,12 +202,18 @@ def arguments_text(arguments: Any) -> str:
         text = json.dumps(scrub_value(arguments), separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError):
         return ""
-    return text if len(text) <= MAX_ARGUMENTS_CHARS else json.dumps(text[:MAX_ARGUMENTS_CHARS] + "…")
+    if len(text) <= MAX_ARGUMENTS_CHARS:
+        return text
+    cut = MAX_ARGUMENTS_CHARS - 8  # too long: a JSON string of the cut text (escaping may grow it)
+    while len(out := json.dumps(text[:cut] + "…", ensure_ascii=False)) > MAX_ARGUMENTS_CHARS:
+        cut -= len(out) - MAX_ARGUMENTS_CHARS
+    return out
 
 
 # -- recognition -----------------------------------------------------------------------------
 def classify(call: Call, limit: int) -> None:
-    """Mark an MCP call: ``call.rpc``, ``call.tool_input`` (``input.tool``) and audit fields."""
+    """Mark an MCP call: ``call.rpc``, ``call.tool_input`` (``input.tool``) and audit fields.
+    Raises BadRequest when ``Mcp-Method``/``Mcp-Name`` headers contradict the body."""
     req = call.request
     value = _load_json(req.body, limit)
     in_batch = call.rpc is not None and call.rpc.batch  # set by run_batch on its element calls
@@ -213,6 +223,7 @@ def classify(call: Call, limit: int) -> None:
             return
         msg = RpcMessage(None)
     _mark(call, msg)
+    check_headers(call)
 
 
 def _server(call: Call) -> str:
@@ -843,11 +854,15 @@ async def _run_element(pipeline: Pipeline, sub: Call, item: Any, credential: str
         pipeline.finish(sub, status=reply.status, response_bytes=len(reply.body))
         return None, reply
     answer = await _json_answer(pipeline, sub, reply)
-    message = json.loads(answer.body) if answer is not None else None
-    if message is None:
+    if answer is None:
         err = UpstreamError(f"the upstream answered HTTP {reply.status} without a JSON-RPC response",
                             code="upstream_no_answer")
         pipeline.fail(sub, err)
         return error_message(msg.id, error_object(sub, err, UNREADABLE_ANSWER)), reply
-    pipeline.finish(sub, status=reply.status, response_bytes=len(answer.body) if answer else 0)
-    return message, reply
+    try:  # the decision's response redaction applies to each element's answer
+        body = await pipeline.redact(sub, answer.body, content_type="application/json", content_encoding=None)
+    except GatewayError as err:
+        pipeline.fail(sub, err)
+        return error_message(msg.id, error_object(sub, err)), reply
+    pipeline.finish(sub, status=reply.status, response_bytes=len(body))
+    return json.loads(body), reply

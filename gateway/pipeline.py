@@ -83,9 +83,8 @@ class Pipeline:
         """identity → kill-switch → policy → approval; raises GatewayError to refuse."""
         call.trace_id = call.trace_id or trace_id_for(call.request)  # batch elements share one
         call.request_bytes = len(call.request.body)
-        mcp.classify(call, self.cfg.policy.inspect_body_bytes)  # MCP: input.tool and audit fields
         call.identity = await self.authenticate(call.request.mode, credential, identity)
-        mcp.check_headers(call)
+        mcp.classify(call, self.cfg.policy.inspect_body_bytes)  # MCP: input.tool, audit fields
         self._check_killswitch(call)
         await self._decide(call)
         await self._approval(call)
@@ -175,7 +174,10 @@ class Pipeline:
                           inspect_limit=self.cfg.policy.inspect_body_bytes)
         started = time.perf_counter()
         try:
-            raw = await asyncio.wait_for(self.engine.evaluate(doc), self.cfg.policy.timeout_seconds)
+            # Each engine keeps its own time limit (the OPA client's timeout; the embedded engine
+            # runs synchronously and cannot be interrupted), so decision_us is evaluation time,
+            # not time spent queued behind a wrapper task.
+            raw = await self.engine.evaluate(doc)
             decision = Decision.model_validate(raw)
         except Exception as exc:  # noqa: BLE001 - every failure of the engine fails closed
             decision = None

@@ -224,7 +224,10 @@ class RouteFrontEnd:
                 await resp.write(tail)
                 sent += len(tail)
             if not cut.is_set():
-                await resp.write_eof()
+                try:
+                    await resp.write_eof()
+                except ConnectionError:  # the agent hung up after the whole answer (MCP clients do)
+                    pass
         except NotRedactable as exc:
             failure = GatewayError(f"stream cut: an event cannot be redacted ({exc.reason})",
                                    code="response_not_redactable", status=upstream.status,

@@ -1,7 +1,6 @@
 """Audit storage in ClickHouse (embedded chDB or a server) through clickhouse-connect."""
 
-from storage.audit import AuditWriter, call_to_row, redact_query
+from storage.audit import call_to_row, redact_query
 from storage.store import QueryError, QueryRejected, Store, StoreError
 
-__all__ = ["AuditWriter", "QueryError", "QueryRejected", "Store", "StoreError", "call_to_row",
-           "redact_query"]
+__all__ = ["QueryError", "QueryRejected", "Store", "StoreError", "call_to_row", "redact_query"]

@@ -3,7 +3,7 @@
 Every row a gateway writes through the spool gets ``seq`` (1, 2, ... per ``gateway_instance``),
 ``prev_hash`` (the previous row's ``row_hash``; empty for seq 1) and ``row_hash``: hex SHA-256
 over a canonical encoding of the row's other columns (``prev_hash`` and ``seq`` included).
-Rows with ``seq = 0`` are not chained (written before the chain existed, or by AuditWriter).
+Rows with ``seq = 0`` are not chained (written before the chain existed).
 
 Canonical encoding: ``CHAIN_VERSION`` + newline + JSON object ``{column: value}`` with keys in
 sorted order, no spaces, UTF-8, in which

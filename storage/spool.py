@@ -459,9 +459,8 @@ class _Batch:
 class AuditSpool:
     """Durable audit: ``await begin(row)`` before the upstream, ``submit(row)`` when done.
 
-    Replaces AuditWriter for the pipeline: ``submit``, ``flush`` (rows in the store), ``depth``,
-    ``dropped``, ``written``, ``start``, ``close`` keep their meaning; new are ``begin``,
-    ``sync`` (records on disk), ``bytes``, ``full``, ``required``, ``healthy``, :meth:`status`
+    Also: ``flush`` (rows in the store), ``sync`` (records on disk), ``start``, ``close``, the
+    counters ``depth``, ``dropped``, ``written``, ``bytes``, ``full``, ``healthy``, :meth:`status`
     (everything /readyz and /metrics show) and the ``store`` setter. ``dropped`` counts
     records (a BEGIN or a row) that were not spooled.
     """

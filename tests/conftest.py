@@ -285,9 +285,14 @@ class Gateway:
         return [dict(zip(doc["columns"], row)) for row in doc["rows"]]
 
     def audit_row(self, call_id: str) -> dict[str, Any]:
-        rows = self.sql(f"SELECT * FROM agentgate.calls WHERE call_id = '{call_id}'")
-        assert len(rows) == 1, f"expected one audit row for {call_id}, got {rows}"
-        return rows[0]
+        """The call's row. The audit is shipped asynchronously (the admin SQL endpoint only
+        waits briefly for freshness), so a busy machine may need a moment more."""
+        query = f"SELECT * FROM agentgate.calls FINAL WHERE call_id = '{call_id}'"
+        found: list[dict[str, Any]] = []
+        wait_until(lambda: bool(found.extend(self.sql(query)) or found), timeout=15,
+                   what=f"the audit row of {call_id}")
+        assert len(found) == 1, f"expected one audit row for {call_id}, got {found}"
+        return found[0]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

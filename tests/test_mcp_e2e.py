@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trustme
 
+from gateway import mcp
 from tests.conftest import ROOT, Gateway, Keys, http, wait_until
 from tests.mcp_harness.env import mcp_python
 from tests.mcp_harness.harness import McpServer, run_mcp_client, run_mcp_raw, start_mcp_server, step_ok
@@ -100,7 +101,7 @@ class Agent:
 
     def rows(self, where: str = "1") -> list[dict[str, Any]]:
         return self.gw.sql("SELECT call_id, tool_kind, tool_name, rpc_method, rpc_id, tool_arguments, tool_error, "
-                           "outcome, status, error_code, reasons, approval_id, approver FROM agentgate.calls "
+                           "outcome, status, error_code, reasons, approval_id, approver FROM agentgate.calls FINAL "
                            f"WHERE trace_id = '{self.trace}' AND {where} ORDER BY ts_start")
 
     def wait_rows(self, where: str, count: int) -> list[dict[str, Any]]:
@@ -144,13 +145,18 @@ def tool_names(result: dict[str, Any]) -> set[str]:
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 def test_listing_shows_only_what_policy_allows(gw: Gateway, keys: Keys, server: McpServer, mode: str) -> None:
     agent = Agent(gw, support(keys), mode=mode)
-    doc = agent.run([{"op": "list_tools"}, {"op": "list_resources"}, {"op": "list_prompts"}])
+    doc = agent.run([{"op": "list_tools"}, {"op": "list_resources"}, {"op": "list_prompts"},
+                     call("get_ticket", id=404)])
     assert tool_names(step_ok(doc, 0)) == VISIBLE
     assert [r["uri"] for r in step_ok(doc, 1)["resources"]] == ["helpdesk://policies/refunds"]
     assert [p["name"] for p in step_ok(doc, 2)["prompts"]] == ["summarize_ticket"]
+    assert step_ok(doc, 3)["isError"] is True
     (row,) = agent.wait_rows("rpc_method = 'tools/list'", 1)
     assert (row["tool_kind"], row["outcome"], row["status"]) == ("mcp", "allowed", 200)
     assert "tools/list: hid 1 of 4 (delete_customer)" in row["reasons"]
+    # isError is recorded from a streamed (legacy: SSE) and a buffered (modern: JSON) answer alike.
+    (failed,) = agent.wait_rows("rpc_method = 'tools/call'", 1)
+    assert (failed["tool_name"], failed["tool_error"], failed["outcome"]) == ("get_ticket", 1, "allowed")
     if mode == "legacy":  # sessions work through the gateway: ids pass both ways untouched
         assert all(h["session_id"] for h in doc["http"] if h["rpc"] != "initialize" or h["method"] != "POST")
         assert {h["content_type"] for h in doc["http"] if h["rpc"] == "tools/list"} == {"text/event-stream"}
@@ -159,7 +165,9 @@ def test_listing_shows_only_what_policy_allows(gw: Gateway, keys: Keys, server: 
 def test_role_without_grant_sees_nothing(gw: Gateway, keys: Keys) -> None:
     agent = Agent(gw, keys.token("sales-helper", roles=["sales"]), mode="auto")
     doc = agent.run([{"op": "list_tools"}])
-    assert doc["connect_error"] is not None or rpc_error(doc, 0)["code"] == DENIED, doc
+    # The modern protocol's first request (server/discover) is already refused, as a JSON-RPC error.
+    assert doc["connect_error"]["code"] == DENIED, doc
+    assert "role sales may not POST demo" in doc["connect_error"]["message"]
 
 
 def test_allowed_denied_and_failing_tool_calls(gw: Gateway, keys: Keys, server: McpServer) -> None:
@@ -228,7 +236,8 @@ def test_batch_mixing_allowed_denied_and_held_calls(gw: Gateway, keys: Keys, lea
               "params": {"progressToken": "t", "progress": 1}},
              {"jsonrpc": "2.0", "id": "r-4", "method": "tools/call",
               "params": {"name": "refund_order", "arguments": {"order_id": "A-17", "amount": 5}}},
-             {"jsonrpc": "2.0", "id": 5, "method": 42}]
+             {"jsonrpc": "2.0", "id": 5, "method": 42},
+             {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "get_ticket", "arguments": {"id": 1001}}}]
     with ThreadPoolExecutor(1) as pool:
         held: Future = pool.submit(agent.raw, batch, tmp_path)
         decide(gw, lead, "batch-bot", "refund_order", "approve")
@@ -237,19 +246,21 @@ def test_batch_mixing_allowed_denied_and_held_calls(gw: Gateway, keys: Keys, lea
     resp = doc["response"]
     assert (resp["status"], resp["content_type"]) == (200, "application/json"), resp
     answers = resp["json"]
-    assert [a["id"] for a in answers] == [1, 2, 3, "r-4", 5]
+    assert [a["id"] for a in answers] == [1, 2, 3, "r-4", 5, 6]
     assert tool_names(answers[0]["result"]) == VISIBLE
     assert answers[1]["result"]["structuredContent"]["result"][0]["id"] == 1002
     assert answers[2]["error"]["code"] == DENIED and answers[2]["error"]["data"]["code"] == "policy_denied"
     assert answers[3]["result"]["structuredContent"]["refunded"] == 5
     assert answers[4]["error"]["code"] == -32600
-    assert [c["tool"] for c in server.calls()[before:]] == ["search_tickets", "refund_order"]
+    ticket = answers[5]["result"]
+    assert ticket["structuredContent"]["id"] == 1001 and "dana@example.com" not in json.dumps(ticket)  # redacted
+    assert [c["tool"] for c in server.calls()[before:]] == ["search_tickets", "refund_order", "get_ticket"]
     # One audit row per element (the initialize handshake has its own), sharing the trace id.
-    rows = agent.wait_rows("rpc_method != 'initialize' AND rpc_method != 'notifications/initialized'", 6)
+    rows = agent.wait_rows("rpc_method != 'initialize' AND rpc_method != 'notifications/initialized'", 7)
     assert [(r["rpc_method"], r["tool_name"], r["outcome"]) for r in rows] == [
         ("tools/list", "", "allowed"), ("tools/call", "search_tickets", "allowed"),
         ("tools/call", "delete_customer", "denied"), ("notifications/progress", "", "allowed"),
-        ("tools/call", "refund_order", "approved"), ("", "", "rejected")]
+        ("tools/call", "refund_order", "approved"), ("", "", "rejected"), ("tools/call", "get_ticket", "allowed")]
     assert answers[2]["error"]["data"]["call_id"] == rows[2]["call_id"]
 
 
@@ -307,9 +318,9 @@ def test_killswitch_cuts_an_open_mcp_stream(gw: Gateway, keys: Keys, server: Mcp
         assert kill.status == 201, kill.body
         assert stream.result(timeout=10) == 200
     conn.close()
-    wait_until(lambda: gw.sql(f"SELECT 1 FROM agentgate.calls WHERE agent_id = '{agent}' AND method = 'GET'"),
+    wait_until(lambda: gw.sql(f"SELECT 1 FROM agentgate.calls FINAL WHERE agent_id = '{agent}' AND method = 'GET'"),
                what="the cut stream's audit row")
-    (row,) = gw.sql(f"SELECT tool_kind, outcome, error_code FROM agentgate.calls "
+    (row,) = gw.sql(f"SELECT tool_kind, outcome, error_code FROM agentgate.calls FINAL "
                     f"WHERE agent_id = '{agent}' AND method = 'GET'")
     assert row == {"tool_kind": "mcp", "outcome": "killed", "error_code": "agent_suspended"}
     http("DELETE", f"http://{gw.admin}/v1/killswitches/{kill.json()['id']}",
@@ -351,3 +362,44 @@ def test_forward_proxy_mode(gw: Gateway, keys: Keys, lead: str, tls_server: tupl
         ("tools/list", "", "allowed"), ("tools/call", "get_ticket", "allowed"),
         ("tools/call", "delete_customer", "denied"), ("tools/call", "refund_order", "approved"),
         ("tools/call", "delete_customer", "denied"), ("tools/call", "search_tickets", "allowed")]
+
+
+# -- the JSON-RPC and event-stream plumbing on its own ---------------------------------------
+def test_json_rpc_messages_are_recognised_strictly() -> None:
+    assert mcp.as_message({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).answerable
+    note = mcp.as_message({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert note is not None and not note.answerable and mcp.rpc_id_text(note) == ""
+    reply = mcp.as_message({"jsonrpc": "2.0", "id": "s-1", "result": {}})
+    assert reply is not None and reply.method is None and not reply.answerable
+    for bad in ({"jsonrpc": "1.0", "id": 1, "method": "x"}, {"id": 1, "method": "x"},
+                {"jsonrpc": "2.0", "id": {"x": 1}, "method": "x"}, {"jsonrpc": "2.0", "id": True, "method": "x"},
+                {"jsonrpc": "2.0", "method": 7}, [1]):
+        assert mcp.as_message(bad) is None, bad
+    assert mcp.rpc_id_text(mcp.as_message({"jsonrpc": "2.0", "id": 7, "method": "x"})) == "7"
+    assert mcp.rpc_id_text(mcp.as_message({"jsonrpc": "2.0", "id": None, "method": "x"})) == "null"
+
+
+def test_event_stream_is_split_on_blank_lines_across_chunks() -> None:
+    events, rest = mcp.split_events(b"event: message\r\ndata: {\"a\":1}\r\n\r", final=False)
+    assert events == [] and rest.endswith(b"\r"), "a CR at the end may be half of a CRLF"
+    events, rest = mcp.split_events(rest + b"\ndata: x\n\ndata: tail", final=False)
+    assert events == [b"event: message\r\ndata: {\"a\":1}\r\n\r\n", b"data: x\n\n"] and rest == b"data: tail"
+    assert mcp.event_data(events[0]) == '{"a":1}'
+    assert mcp.event_data(b"data: line1\ndata:line2\n\n") == "line1\nline2"
+    assert mcp.event_data(b": keep-alive\n\n") is None
+    assert mcp.with_data(b"id: 3\r\nevent: message\r\ndata: {}\r\n\r\n", '{"b":2}') == \
+        b'id: 3\nevent: message\ndata: {"b":2}\n\n'
+    answer = b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}\n\n' \
+             b'event: message\ndata: {"jsonrpc":"2.0","id":4,"result":{"isError":true}}\n\n'
+    assert mcp.response_message(answer, "text/event-stream", 4) == \
+        {"jsonrpc": "2.0", "id": 4, "result": {"isError": True}}
+    assert mcp.response_message(answer, "text/event-stream", 5) is None
+
+
+def test_audit_arguments_are_scrubbed_and_bounded() -> None:
+    text = mcp.arguments_text({"query": "mail dana@example.com", "api_key": "sk-live-0123456789abcdef"})
+    assert "dana@example.com" not in text and "sk-live-0123456789abcdef" not in text and "query" in text
+    long = mcp.arguments_text({"blob": "x" * 10_000})
+    assert len(long) <= mcp.MAX_ARGUMENTS_CHARS and json.loads(long).endswith("…")
+    quotes = mcp.arguments_text({"q": "\"" * 5000})
+    assert len(quotes) <= mcp.MAX_ARGUMENTS_CHARS and json.loads(quotes).startswith("{")

@@ -535,3 +535,18 @@ async def test_opa_going_away_fails_closed(bundle: Path) -> None:
         assert not engine.ready
     finally:
         await engine.close()
+
+
+async def test_serving_bundle_leaves_out_test_modules(tmp_path: Path) -> None:
+    """Rego tests are for `policy test`; compiled into the served bundle they only cost time."""
+    root = make_bundle(tmp_path / "b", **{"main_test.rego": "package agentgate_test\nimport rego.v1\n"
+                                                            "test_nothing if { true }\n"})
+    engine = EmbeddedEngine(cfg(root), EXTRA)
+    await engine.start()
+    try:
+        assert engine._policy is not None
+        assert sorted(engine._policy.loaded.modules) == ["main.rego"]
+    finally:
+        await engine.close()
+    results = run_tests(root, EXTRA)
+    assert [(r.name, r.passed) for r in results] == [("test_nothing", True)]

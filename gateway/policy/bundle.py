@@ -142,8 +142,15 @@ def bundle_revision(root: str | os.PathLike[str]) -> str:
     return compute_revision([(rel, _read(p, rel)) for rel, p in bundle_files(root)])
 
 
-def load_bundle(root: str | os.PathLike[str],
-                extra_data: dict[str, Any] | None = None) -> LoadedBundle:
+def is_test_module(rel: str) -> bool:
+    return rel.endswith("_test.rego")
+
+
+def load_bundle(root: str | os.PathLike[str], extra_data: dict[str, Any] | None = None,
+                *, include_tests: bool = True) -> LoadedBundle:
+    """Load a bundle dir. ``include_tests=False`` (what the gateway serves) leaves out
+    ``*_test.rego`` modules: rego-cpp evaluates every module's rules into the decision's plan,
+    and test modules made each decision about 7x slower on the example bundle."""
     root = Path(root)
     contents = [(rel, _read(path, rel)) for rel, path in bundle_files(root)]
     modules: dict[str, str] = {}
@@ -155,7 +162,8 @@ def load_bundle(root: str | os.PathLike[str],
         except UnicodeDecodeError as exc:
             raise PolicyLoadError(f"{rel}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
         if rel.endswith(".rego"):
-            modules[rel] = text
+            if include_tests or not is_test_module(rel):
+                modules[rel] = text
             continue
         try:
             value = json.loads(text)

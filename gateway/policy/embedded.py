@@ -351,7 +351,7 @@ class EmbeddedEngine:
     # -- loading ------------------------------------------------------------------------
 
     def _compile(self) -> CompiledPolicy:
-        loaded = load_bundle(self.cfg.dir, self.extra_data)
+        loaded = load_bundle(self.cfg.dir, self.extra_data, include_tests=False)
         require_rule(loaded, self.entrypoint)
         return compile_bundle(loaded, [self.entrypoint])
 

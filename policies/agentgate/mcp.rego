@@ -16,121 +16,118 @@
 #    "resources": {uri: {"roles": [role]}},
 #    "prompts":   {name: {"roles": [role]}}}
 #
-# Anything the catalogue does not grant is denied. The gateway also asks this policy, tool by
-# tool, what to show in tools/list (resources/list, prompts/list): it evaluates a tools/call
-# with empty arguments for each listed tool and hides the ones that would be denied.
+# Whatever the catalogue does not grant is denied. The gateway also asks this policy, item by
+# item, what to show in tools/list (resources/list, prompts/list): it evaluates a tools/call
+# with empty arguments for each listed tool and hides those that would be denied.
+#
+# Written as one rule that reads the call and functions of plain values: regopy compiles every
+# `with input...` in the bundle's tests against the rules that depend on input, so keeping those
+# few keeps the bundle quick to compile.
 package agentgate
 
 import rego.v1
 
-mcp_method := input.tool.method if input.tool.kind == "mcp"
+# The MCP part of the decision.
+mcp := mcp_judge(input.tool, input.request, system, agent_roles)
 
-mcp_catalogue := data.gateway.mcp[system]
+deny contains reason if some reason in mcp.deny
 
-# Name-bearing methods and the part of the catalogue they use.
+grants contains reason if some reason in mcp.grants
+
+approvals contains approval if some approval in mcp.approvals
+
+# Tool results that carry customer contact details are redacted like HTTP ticket reads.
+redact := ticket_redaction if mcp.redact_contacts
+
+redaction_reasons contains "customer contact details are redacted from ticket data" if mcp.redact_contacts
+
+# Name-bearing methods: [catalogue part, label, the member naming the item].
 mcp_uses := {
-	"tools/call": "tools",
-	"prompts/get": "prompts",
-	"resources/read": "resources",
-	"resources/subscribe": "resources",
-	"resources/unsubscribe": "resources",
+	"tools/call": ["tools", "tool", "name"],
+	"prompts/get": ["prompts", "prompt", "name"],
+	"resources/read": ["resources", "resource", "uri"],
+	"resources/subscribe": ["resources", "resource", "uri"],
+	"resources/unsubscribe": ["resources", "resource", "uri"],
 }
 
-mcp_labels := {"tools": "tool", "prompts": "prompt", "resources": "resource"}
-
-mcp_part := mcp_uses[mcp_method]
-
-mcp_label := mcp_labels[mcp_part]
-
-# The tool (prompt) name, or the resource URI.
-mcp_item := input.tool.uri if mcp_part == "resources"
-
-mcp_item := input.tool.name if {
-	mcp_part
-	mcp_part != "resources"
+mcp_judge(tool, req, sys, roles) := {
+	"deny": union({mcp_item_denials(use), mcp_endpoint_denials(tool, req, sys)}),
+	"grants": union({{g | some role in use.granted; g := concat(" ", ["role", role, "may use", sys, use.label, use.item])},
+		mcp_session_grants(req, sys, roles)}),
+	"approvals": {{"why": use.entry.approval.why, "approvers": use.entry.approval.approvers} |
+		count(use.granted) > 0
+		use.entry.approval
+	},
+	"redact_contacts": mcp_redacts(use),
+} if {
+	use := mcp_use(tool, sys, roles)
 }
 
-mcp_entry := mcp_catalogue[mcp_part][mcp_item] if is_string(mcp_item)
+# What a name-bearing message uses, and which of the agent's roles may use it.
+mcp_use(tool, sys, roles) := use if {
+	tool.kind == "mcp"
+	[part, label, key] := mcp_uses[tool.method]
+	item := object.get(tool, key, null)
+	entry := object.get(data.gateway, ["mcp", sys, part, item], {})
+	use := {
+		"tool": tool, "system": sys, "part": part, "label": label, "item": item, "entry": entry, "roles": roles,
+		"granted": {role | some role in roles; role in object.get(entry, "roles", []); not entry.never},
+	}
+} else := {"item": null, "entry": {}, "granted": set(), "part": null}
 
-mcp_granted if {
-	some role in agent_roles
-	role in mcp_entry.roles
+# Why a call is denied: no name, never allowed, no role grants it (or it is not in the
+# catalogue, or the system has none), or an argument over its limit.
+mcp_item_denials(use) := {reason |
+	use.part != null
+	some reason in mcp_item_reasons(use)
 }
 
-grants contains concat(" ", ["role", role, "may use", system, mcp_label, mcp_item]) if {
-	not mcp_entry.never
-	some role in agent_roles
-	role in mcp_entry.roles
+mcp_item_reasons(use) := [concat(" ", [use.tool.method, "does not name a", use.label])] if not is_string(use.item)
+
+mcp_item_reasons(use) := [concat("", [use.system, " ", use.label, " ", use.item, " is never allowed: ", use.entry.never])] if {
+	is_string(use.item)
+	use.entry.never
 }
 
-# No role grants this tool (or it is not in the catalogue at all): say what each role lacks.
-deny contains concat(" ", ["role", role, "may not use", system, mcp_label, mcp_item]) if {
-	mcp_catalogue
-	is_string(mcp_item)
-	not mcp_entry.never
-	not mcp_granted
-	some role in agent_roles
+mcp_item_reasons(use) := [concat(" ", ["role", role, "may not use", use.system, use.label, use.item]) | some role in use.roles] if {
+	is_string(use.item)
+	not use.entry.never
+	count(use.granted) == 0
 }
 
-deny contains concat("", [system, " ", mcp_label, " ", mcp_item, " is never allowed: ", mcp_entry.never]) if {
-	is_string(mcp_entry.never)
+mcp_item_reasons(use) := [concat("", [use.system, " tool ", use.item, ": ", name, " must be a number up to ", format_int(limit, 10)]) |
+	some name
+	limit := use.entry.max[name]
+	not mcp_within(object.get(use.tool.arguments, name, 0), limit)
+] if {
+	is_string(use.item)
+	count(use.granted) > 0
 }
 
-# Fail closed on calls that do not say what they use.
-deny contains concat(" ", [mcp_method, "does not name a", mcp_label]) if {
-	mcp_part
-	not is_string(mcp_item)
-}
-
-deny contains concat(" ", ["system", system, "has no MCP catalogue:", mcp_method, "is not allowed"]) if {
-	mcp_part
-	system
-	not mcp_catalogue
-}
-
-# Argument limits, checked on the arguments of the call itself.
-deny contains concat("", [system, " tool ", mcp_item, ": ", name, " must be a number up to ", format_int(limit, 10)]) if {
-	mcp_part == "tools"
-	some name, limit in mcp_entry.max
-	value := input.tool.arguments[name]
-	not mcp_within(value, limit)
-}
+mcp_redacts(use) := true if {
+	count(use.granted) > 0
+	use.entry.redact_contacts == true
+} else := false
 
 mcp_within(value, limit) if {
 	is_number(value)
 	value <= limit
 }
 
-approvals contains {"why": mcp_entry.approval.why, "approvers": mcp_entry.approval.approvers} if {
-	mcp_granted
-	mcp_entry.approval
-}
-
 # Everything posted to an MCP endpoint must be a JSON-RPC message the gateway could read
 # (a body too large to inspect, or not JSON, would otherwise pass on the HTTP grant alone).
-deny contains concat(" ", ["POST to the", system, "MCP endpoint is not a JSON-RPC message the gateway could inspect"]) if {
-	input.request.method == "POST"
-	input.request.path in mcp_catalogue.endpoints
-	not mcp_method
+mcp_endpoint_denials(tool, req, sys) := {concat(" ", ["POST to the", sys, "MCP endpoint is not a JSON-RPC message the gateway could inspect"]) |
+	req.method == "POST"
+	req.path in object.get(data.gateway, ["mcp", sys, "endpoints"], [])
+	not tool.kind == "mcp"
 }
 
 # Ending an MCP session (DELETE with Mcp-Session-Id) is protocol, not a deletion: whoever may
 # POST to the server may end its sessions.
-grants contains concat(" ", ["role", role, "may end", system, "MCP sessions"]) if {
-	input.request.method == "DELETE"
-	input.request.path in mcp_catalogue.endpoints
-	input.request.headers["mcp-session-id"]
-	some role in agent_roles
-	"POST" in data.gateway.roles[role].grants[system]
-}
-
-# Tool results that carry customer contact details are redacted like HTTP ticket reads.
-redact := ticket_redaction if mcp_redacts_contacts
-
-redaction_reasons contains "customer contact details are redacted from ticket data" if mcp_redacts_contacts
-
-mcp_redacts_contacts if {
-	mcp_part == "tools"
-	mcp_granted
-	mcp_entry.redact_contacts == true
+mcp_session_grants(req, sys, roles) := {concat(" ", ["role", role, "may end", sys, "MCP sessions"]) |
+	req.method == "DELETE"
+	req.path in object.get(data.gateway, ["mcp", sys, "endpoints"], [])
+	req.headers["mcp-session-id"]
+	some role in roles
+	"POST" in data.gateway.roles[role].grants[sys]
 }

@@ -14,24 +14,20 @@ resource_read(uri) := object.union(mcp_tool("resources/read"), {"uri": uri})
 
 prompt_get(name) := object.union(mcp_tool("prompts/get"), {"name": name, "arguments": {}})
 
-# The decision for an MCP message POSTed to /mcp through a route.
-mcp_routed(agent, route, tool) := mcp_call(agent, route, json_request("POST", gateway_host, "/mcp", {"jsonrpc": "2.0", "id": 1, "method": tool.method}), tool)
+# The decision for an MCP message POSTed to /mcp through a route, or (route null) the forward proxy.
+mcp_routed(agent, route, tool) := mcp_call(agent, route, mcp_post(gateway_host, tool), tool)
 
+mcp_forward(agent, host, tool) := mcp_call(agent, null, mcp_post(host, tool), tool)
+
+mcp_post(host, tool) := json_request("POST", host, "/mcp", {"jsonrpc": "2.0", "id": 1, "method": tool.method})
+
+# The one place these tests evaluate the decision (each `with` site costs compile time).
 mcp_call(agent, route, req, tool) := d if {
 	d := agentgate.decision with input.agent as agent
 		with input.request as req
 		with input.route as route
 		with input.tool as tool
-		with input.context as {"mode": "route", "client_ip": "127.0.0.1", "trace_id": "test"}
-		with data.agents as {}
-}
-
-mcp_forward(agent, host, tool) := d if {
-	d := agentgate.decision with input.agent as agent
-		with input.request as json_request("POST", host, "/mcp", {"jsonrpc": "2.0", "id": 1, "method": tool.method})
-		with input.route as null
-		with input.tool as tool
-		with input.context as {"mode": "forward", "client_ip": "127.0.0.1", "trace_id": "test"}
+		with input.context as {"mode": "test", "client_ip": "127.0.0.1", "trace_id": "test"}
 		with data.agents as {}
 }
 
@@ -145,7 +141,7 @@ test_mcp_session_end_is_allowed_but_not_other_deletes if {
 test_mcp_system_without_catalogue_denies_tool_calls if {
 	d := mcp_routed(support_bot, "zendesk", tool_call("get_ticket", {"id": 1}))
 	d.allow == false
-	d.reasons == ["system zendesk has no MCP catalogue: tools/call is not allowed"]
+	d.reasons == ["role support may not use zendesk tool get_ticket"]
 }
 
 test_mcp_forward_mode_attributes_by_host if {
