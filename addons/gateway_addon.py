@@ -250,6 +250,17 @@ class AgentGate:
                     resp.headers["content-length"] = str(len(body))
         self.pipeline.finish(call, status=flow.response.status_code, response_bytes=_sent(flow))
 
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        """An upgraded connection is a long-lived stream: a kill-switch must be able to cut it."""
+        call: Call | None = flow.metadata.get(CALL_KEY)
+        if call is not None:
+            self.pipeline.streams.add(call, lambda: _cut_connection(flow))
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.get(CALL_KEY)
+        if call is not None:
+            self.pipeline.streams.discard(call)
+
     def error(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
         if call is None or call.finished:

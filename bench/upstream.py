@@ -3,7 +3,9 @@
 ``bench-upstream http=HOST:PORT https=HOST:PORT ca=FILE``.
 
 GET /items/{id}: a small JSON document; POST /echo: the request body back; GET /tickets/{id}:
-a ticket with customer contact details (what the example policy redacts).
+a ticket with customer contact details (what the example policy redacts); GET /bulk/{bytes}: a
+JSON document of about that many bytes full of ticket records with PII and secrets (built once
+per size, at most 16 MiB).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import trustme
 from aiohttp import web
 
-from bench.workloads import TICKET_EMAIL
+from bench.workloads import BULK_MAX_BYTES, TICKET_EMAIL, bulk_document
 
 ITEM = json.dumps({"id": 42, "name": "widget", "status": "ok", "tags": ["a", "b"]}).encode()
 TICKET = json.dumps({"ticket": {
@@ -39,11 +41,29 @@ async def ticket(request: web.Request) -> web.Response:
     return web.Response(body=TICKET, content_type="application/json")
 
 
+_BULK: dict[int, bytes] = {}
+
+
+async def bulk(request: web.Request) -> web.Response:
+    try:
+        size = int(request.match_info["size"])
+    except ValueError:
+        raise web.HTTPBadRequest(text="size must be an integer") from None
+    if not 0 < size <= BULK_MAX_BYTES:
+        raise web.HTTPBadRequest(text=f"size must be in 1..{BULK_MAX_BYTES}")
+    if size not in _BULK:
+        if len(_BULK) >= 4:
+            _BULK.clear()  # bounded: the bench asks for one or two sizes
+        _BULK[size] = bulk_document(size)
+    return web.Response(body=_BULK[size], content_type="application/json")
+
+
 def make_app() -> web.Application:
     app = web.Application(client_max_size=8 << 20)
     app.router.add_get("/items/{id}", item)
     app.router.add_post("/echo", echo)
     app.router.add_get("/tickets/{id}", ticket)
+    app.router.add_get("/bulk/{size}", bulk)
     return app
 
 

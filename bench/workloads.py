@@ -35,3 +35,37 @@ GET = Workload("get", "GET", "/items/42")
 POST = Workload("post", "POST", "/echo", POST_BODY)
 TICKET = Workload("ticket", "GET", "/tickets/1")
 """A retrieval the example policy redacts (``ticket_read``: route demo, GET /tickets/...)."""
+
+BULK_EMAIL = "grace.hopper@example.com"
+"""In the first record of every bulk document: present without redaction, never with it."""
+BULK_MAX_BYTES = 16 << 20
+
+
+def bulk_path(size: int) -> str:
+    return f"/bulk/{size}"
+
+
+def bulk_document(size: int) -> bytes:
+    """A JSON document of about ``size`` bytes (at least one record): ticket-like records with
+    contact details, payment data and secrets in fields and in free text, the same every time."""
+    records: list[dict[str, object]] = []
+    total = 14  # {"records":[]}
+    i = 0
+    while total < size or not records:
+        n = 1000 + i
+        email = BULK_EMAIL if i == 0 else f"customer{n}@example.com"
+        record = {
+            "id": n, "status": ("open", "pending", "solved")[i % 3], "priority": i % 4,
+            "created_at": f"2024-{i % 12 + 1:02d}-{i % 28 + 1:02d}T10:{i % 60:02d}:00Z",
+            "subject": f"Refund for order {40000 + n}",
+            "requester": {"name": f"Customer {n}", "email": email, "phone": f"+1 415 555 {n % 10000:04d}"},
+            "payment": {"card_number": "4111 1111 1111 1111", "iban": "DE89 3704 0044 0532 0130 00"},
+            "description": (f"Hi, I was charged twice. Call me on (415) 555-{n % 10000:04d} or write to "
+                            f"{email}; my SSN is 078-05-1120 if you need it. The app logs said "
+                            f"Authorization: Bearer sk_live_{n:024d} and came from 10.0.{i % 256}.7."),
+            "tags": ["billing", "refund", "vip" if i % 7 == 0 else "standard"],
+        }
+        records.append(record)
+        total += len(json.dumps(record, separators=(",", ":"))) + 1
+        i += 1
+    return json.dumps({"records": records}, separators=(",", ":")).encode()

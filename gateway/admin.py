@@ -7,16 +7,17 @@ decides what they may do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from gateway.admin_events import AdminEvents
 from gateway.approvals import Approvals
-from gateway.errors import CALL_ID_HEADER, Forbidden, GatewayError, error_body
+from gateway.errors import CALL_ID_HEADER, BadRequest, Forbidden, GatewayError, error_body
 from gateway.identity import JwtVerifier, extract_bearer
 from gateway.investigate import register_routes
 from gateway.killswitch import SCOPES, KillSwitches
@@ -104,6 +105,26 @@ class AdminApi:
                             code="forbidden_role")
         return identity
 
+    async def fresh_audit(self) -> None:
+        """Give calls made a moment ago a brief chance to reach the store before a query reads it."""
+        try:
+            await asyncio.wait_for(self.audit.flush(), _FRESHNESS_WAIT_SECONDS)
+        except TimeoutError:
+            pass
+
+    @contextlib.asynccontextmanager
+    async def recording_refusals(self, actor: Identity, action: str, target: str, *, reason: str = "",
+                                 detail: str = "") -> AsyncIterator[None]:
+        """Record a GatewayError raised inside as a ``refused`` (4xx) or ``error`` (5xx) admin
+        event (detail: its code, then ``detail``), and let it propagate."""
+        try:
+            yield
+        except GatewayError as err:
+            result = "refused" if err.status < 500 else "error"
+            await self.events.record(actor, action, target, reason=reason, result=result,
+                                     detail=f"{err.code}: {detail}" if detail else err.code)
+            raise
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -146,15 +167,11 @@ class AdminApi:
         sql = payload.get("sql")
         limit = payload.get("limit", self.sql_row_limit)
         if not isinstance(sql, str) or not sql.strip():
-            raise GatewayError("missing 'sql' (a string)", code="bad_request", status=400)
+            raise BadRequest("missing 'sql' (a string)")
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise GatewayError("'limit' must be a positive integer", code="bad_request", status=400)
+            raise BadRequest("'limit' must be a positive integer")
         limit = min(limit, self.sql_row_limit)
-        # Calls made a moment ago should be visible to the responder asking about them.
-        try:
-            await asyncio.wait_for(self.audit.flush(), _FRESHNESS_WAIT_SECONDS)
-        except TimeoutError:
-            pass
+        await self.fresh_audit()  # calls made a moment ago should be visible to the responder
         try:
             columns, rows = await self.store.query_readonly(sql, limit=limit)
         except QueryRejected as exc:
@@ -179,12 +196,11 @@ class AdminApi:
         label = f"{scope}:{target}"
         actor = await self.authorize(request, OPERATOR_ROLES, "killswitch.create", label)
         if scope not in SCOPES:
-            raise GatewayError(f"'scope' must be one of {', '.join(SCOPES)}", code="bad_request", status=400)
+            raise BadRequest(f"'scope' must be one of {', '.join(SCOPES)}")
         if not isinstance(target, str) or (scope != "all" and not target.strip()):
-            raise GatewayError(f"a {scope} kill-switch needs a 'target'", code="bad_request", status=400)
+            raise BadRequest(f"a {scope} kill-switch needs a 'target'")
         if not isinstance(reason, str) or not reason.strip():
-            raise GatewayError("'reason' is required: say why, for whoever reads the audit", code="bad_request",
-                               status=400)
+            raise BadRequest("'reason' is required: say why, for whoever reads the audit")
         switch = await self.killswitches.create(scope, target.strip(), reason.strip(), actor.agent_id)
         await self.events.record(actor, "killswitch.create", f"{switch.id} {switch.scope}:{switch.target}",
                                  reason=switch.reason)
@@ -209,8 +225,7 @@ class AdminApi:
         await self.authorize(request, APPROVER_ROLES | AUDIT_ROLES, "approval.list")
         state = request.query.get("state")
         if state not in (None, "pending", "approved", "denied", "consumed", "expired"):
-            raise GatewayError("state must be pending, approved, denied, consumed or expired",
-                               code="bad_request", status=400)
+            raise BadRequest("state must be pending, approved, denied, consumed or expired")
         return web.json_response({"approvals": [a.to_json() for a in self.approvals.list(state)]})
 
     async def get_approval(self, request: web.Request) -> web.Response:
@@ -234,15 +249,12 @@ class AdminApi:
         payload = await _json_body(request, 'body must be JSON: {"reason": "..."}', allow_empty=True)
         reason = payload.get("reason", "")
         if not isinstance(reason, str) or (not approve and not reason.strip()):
-            raise GatewayError("'reason' is required to deny", code="bad_request", status=400)
+            raise BadRequest("'reason' is required to deny")
         teams = actor.claims.get(self.approver_teams_claim)
         approver_teams = [str(t) for t in teams] if isinstance(teams, list) and "admin" not in actor.roles else None
-        try:
+        async with self.recording_refusals(actor, action, approval_id, reason=reason):
             decided = await self.approvals.decide(approval_id, approve=approve, reason=reason.strip(),
                                                   actor=actor, approver_teams=approver_teams)
-        except GatewayError as err:
-            await self.events.record(actor, action, approval_id, reason=reason, result="refused", detail=err.code)
-            raise
         await self.events.record(actor, action, approval_id, reason=reason)
         return web.json_response(decided.to_json())
 
@@ -253,7 +265,7 @@ async def _json_body(request: web.Request, hint: str, *, allow_empty: bool = Fal
     try:
         payload = await request.json()
     except ValueError:
-        raise GatewayError(hint, code="bad_request", status=400) from None
+        raise BadRequest(hint) from None
     if not isinstance(payload, dict):
-        raise GatewayError(hint, code="bad_request", status=400)
+        raise BadRequest(hint)
     return payload

@@ -6,15 +6,15 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from gateway.admin_client import admin_call, print_table
+from addons.embed import ProxyStartError
 from gateway.config import Config, ConfigError, load_config
+from gateway.policy import PolicyError
 from gateway.investigate import register_cli
 
 
@@ -98,48 +98,15 @@ def cmd_policy_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_call(args: argparse.Namespace, path: str, payload: dict[str, Any] | None = None,
-                method: str = "POST") -> Any:
-    token = args.token or os.environ.get("AGENTGATE_TOKEN")
-    if not token:
-        raise ConfigError("an admin token is needed: pass --token or set AGENTGATE_TOKEN")
-    base = args.admin_url or _config(args).admin_url
-    req = urllib.request.Request(
-        base.rstrip("/") + path, data=json.dumps(payload).encode() if payload is not None else None,
-        method=method, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:
-        try:
-            err = json.load(exc)["error"]
-            message = f"{err['code']}: {err['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {exc.code}"
-        raise SystemExit(f"agentgate: admin API refused: {message}") from None
-    except urllib.error.URLError as exc:
-        raise SystemExit(f"agentgate: cannot reach the admin API at {base}: {exc.reason}") from None
-
-
-def _print_table(columns: list[str], rows: list[list[Any]]) -> None:
-    cells = [[("" if v is None else v if isinstance(v, str) else json.dumps(v)) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-
-
 def cmd_audit_sql(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"sql": args.sql}
     if args.limit:
         payload["limit"] = args.limit
-    result = _admin_call(args, "/v1/audit/sql", payload)
+    result = admin_call(args, "/v1/audit/sql", payload)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        _print_table(result["columns"], result["rows"])
+        print_table(result["columns"], result["rows"])
     return 0
 
 
@@ -147,12 +114,12 @@ def _print_json_or(args: argparse.Namespace, doc: Any, columns: list[str], rows:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        _print_table(columns, [[r.get(c) for c in columns] for r in rows])
+        print_table(columns, [[r.get(c) for c in columns] for r in rows])
 
 
 def cmd_approvals_list(args: argparse.Namespace) -> int:
     query = f"?state={args.state}" if args.state != "all" else ""
-    doc = _admin_call(args, f"/v1/approvals{query}", method="GET")
+    doc = admin_call(args, f"/v1/approvals{query}", method="GET")
     _print_json_or(args, doc, ["id", "state", "agent_id", "method", "host", "path", "approvers", "reasons"],
                    doc["approvals"])
     return 0
@@ -160,20 +127,20 @@ def cmd_approvals_list(args: argparse.Namespace) -> int:
 
 def cmd_approvals_decide(args: argparse.Namespace) -> int:
     verb = "approve" if args.approvals_command == "approve" else "deny"
-    doc = _admin_call(args, f"/v1/approvals/{args.id}/{verb}", {"reason": args.reason or ""})
+    doc = admin_call(args, f"/v1/approvals/{args.id}/{verb}", {"reason": args.reason or ""})
     print(f"approval {doc['id']}: {doc['state']} by {doc['decided_by']}")
     return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
     target = "" if args.scope == "all" else args.target
-    doc = _admin_call(args, "/v1/killswitches", {"scope": args.scope, "target": target, "reason": args.reason})
+    doc = admin_call(args, "/v1/killswitches", {"scope": args.scope, "target": target, "reason": args.reason})
     print(f"kill-switch {doc['id']} on {doc['scope']} {doc['target']}: {doc['reason']}")
     return 0
 
 
 def cmd_killswitches(args: argparse.Namespace) -> int:
-    doc = _admin_call(args, "/v1/killswitches" + ("?all=1" if args.all else ""), method="GET")
+    doc = admin_call(args, "/v1/killswitches" + ("?all=1" if args.all else ""), method="GET")
     _print_json_or(args, doc, ["id", "scope", "target", "reason", "created_by", "active"], doc["killswitches"])
     return 0
 
@@ -186,12 +153,12 @@ def cmd_revive(args: argparse.Namespace) -> int:
         scope, target = args.what, (args.target or "")
         if scope not in ("agent", "team", "all"):
             raise SystemExit("agentgate: revive takes a kill-switch id, or agent ID, team T, all")
-        active = _admin_call(args, "/v1/killswitches", method="GET")["killswitches"]
+        active = admin_call(args, "/v1/killswitches", method="GET")["killswitches"]
         ids = [s["id"] for s in active if s["scope"] == scope and (scope == "all" or s["target"] == target)]
         if not ids:
             raise SystemExit(f"agentgate: no active kill-switch on {scope} {target}".rstrip())
     for switch_id in ids:
-        doc = _admin_call(args, f"/v1/killswitches/{switch_id}", method="DELETE")
+        doc = admin_call(args, f"/v1/killswitches/{switch_id}", method="DELETE")
         print(f"kill-switch {doc['id']} revoked ({doc['scope']} {doc['target']})")
     return 0
 
@@ -199,7 +166,7 @@ def cmd_revive(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Walk every gateway instance's hash chain; exit 1 when a row was deleted or altered."""
     query = f"?instance={urllib.parse.quote(args.instance)}" if args.instance else ""
-    report = _admin_call(args, f"/v1/audit/verify{query}", {})
+    report = admin_call(args, f"/v1/audit/verify{query}", {})
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -322,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"agentgate: {exc}", file=sys.stderr)
         return 2
+    except (PolicyError, ProxyStartError) as exc:
+        print(f"agentgate: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. a listen address already in use
+        print(f"agentgate: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

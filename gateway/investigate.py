@@ -21,10 +21,7 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -32,7 +29,8 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from gateway.errors import CALL_ID_HEADER, GatewayError
+from gateway.admin_client import admin_call, admin_open, print_table
+from gateway.errors import CALL_ID_HEADER, BadRequest, GatewayError
 from storage import ocsf
 from storage import queries as q
 from storage.store import StoreError
@@ -49,14 +47,9 @@ DEFAULT_LIMIT = 1000
 EXPORT_MAX_ROWS = 1_000_000
 EXPORT_PAGE_ROWS = 5000
 FORMATS = {"jsonl": "application/x-ndjson", "ocsf": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
-_FRESHNESS_WAIT_SECONDS = 2.0
 
 
 # ============================================================================ admin API
-def _bad(message: str) -> GatewayError:
-    return GatewayError(message, code="bad_request", status=400)
-
-
 def _row_json(row: Any) -> dict[str, Any]:
     doc = {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "extra"}
     doc.update(getattr(row, "extra", None) or {})
@@ -69,7 +62,8 @@ def _page_json(page: q.Page[Any], key: str) -> dict[str, Any]:
 
 
 class Investigations:
-    """The handlers; they borrow AdminApi's authorization, store, audit writer and events."""
+    """The handlers; they borrow AdminApi's authorization, refusal recording, store, audit
+    spool and events."""
 
     def __init__(self, api: "AdminApi") -> None:
         self.api = api
@@ -77,10 +71,7 @@ class Investigations:
     # -- plumbing --------------------------------------------------------------------------
     async def _begin(self, request: web.Request, action: str, target: str = "") -> "Identity":
         actor = await self.api.authorize(request, ROLES, action, target)
-        try:  # calls made a moment ago should be in the answer
-            await asyncio.wait_for(self.api.audit.flush(), _FRESHNESS_WAIT_SECONDS)
-        except TimeoutError:
-            pass
+        await self.api.fresh_audit()  # calls made a moment ago should be in the answer
         return actor
 
     async def _table(self) -> q.CallsTable:
@@ -93,20 +84,20 @@ class Investigations:
         try:
             value = int(raw)
         except ValueError:
-            raise _bad("'limit' must be a positive integer") from None
+            raise BadRequest("'limit' must be a positive integer") from None
         if value < 1:
-            raise _bad("'limit' must be a positive integer")
+            raise BadRequest("'limit' must be a positive integer")
         return min(value, maximum)
 
     @staticmethod
     def _window(request: web.Request, default_since: str | None) -> q.Window:
         since = request.query.get("since", default_since)
         if not since:
-            raise _bad("'since' is required: e.g. 2h, 24h, 7d or an ISO 8601 time")
+            raise BadRequest("'since' is required: e.g. 2h, 24h, 7d or an ISO 8601 time")
         try:
             return q.Window.parse(since, request.query.get("until") or None)
         except ValueError as exc:
-            raise _bad(str(exc)) from None
+            raise BadRequest(str(exc)) from None
 
     @staticmethod
     def _agent(request: web.Request) -> str | None:
@@ -116,19 +107,15 @@ class Investigations:
     def _required_agent(self, request: web.Request) -> str:
         agent = self._agent(request)
         if agent is None:
-            raise _bad("'agent' is required")
+            raise BadRequest("'agent' is required")
         return agent
 
     async def _answer(self, request: web.Request, action: str, target: str,
                       work: Callable[[], Awaitable[dict[str, Any]]]) -> web.Response:
         actor = await self._begin(request, action, target)
         detail = request.query_string[:2000]
-        try:
+        async with self.api.recording_refusals(actor, action, target, detail=detail):
             doc = await _store_errors(work())
-        except GatewayError as err:
-            result = "refused" if err.status < 500 else "error"
-            await self.api.events.record(actor, action, target, result=result, detail=f"{err.code}: {detail}")
-            raise
         await self.api.events.record(actor, action, target, detail=detail)
         return web.json_response(doc, dumps=lambda d: json.dumps(d, ensure_ascii=False))
 
@@ -206,18 +193,14 @@ class Investigations:
         action = "audit.export"
         actor = await self._begin(request, action)
         detail = request.query_string[:2000]
-        try:
+        async with self.api.recording_refusals(actor, action, "", detail=detail):
             fmt = request.query.get("format", "jsonl")
             if fmt not in FORMATS:
-                raise _bad(f"'format' must be one of {', '.join(FORMATS)}")
+                raise BadRequest(f"'format' must be one of {', '.join(FORMATS)}")
             window = self._window(request, None)
             limit = self._limit(request, EXPORT_MAX_ROWS, EXPORT_MAX_ROWS)
             agent = self._agent(request)
             table = await _store_errors(self._table())
-        except GatewayError as err:
-            result = "refused" if err.status < 500 else "error"
-            await self.api.events.record(actor, action, "", result=result, detail=f"{err.code}: {detail}")
-            raise
         # Durable before the first byte leaves: an export is never unlogged.
         await self.api.events.record(actor, action, agent or "", detail=detail)
         resp = web.StreamResponse(headers={
@@ -366,10 +349,8 @@ def register_routes(app: web.Application, api: "AdminApi") -> Investigations:
 
 # ============================================================================ CLI
 def _get(args: argparse.Namespace, path: str, params: dict[str, Any]) -> Any:
-    from gateway.cli import _admin_call
-
     query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
-    return _admin_call(args, path + (f"?{query}" if query else ""), method="GET")
+    return admin_call(args, path + (f"?{query}" if query else ""), method="GET")
 
 
 def _cell(value: Any) -> str:
@@ -383,9 +364,7 @@ def _cell(value: Any) -> str:
 
 
 def _table(columns: list[str], rows: list[dict[str, Any]]) -> None:
-    from gateway.cli import _print_table
-
-    _print_table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
+    print_table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
 
 
 def _output(args: argparse.Namespace, doc: dict[str, Any], key: str, columns: list[str]) -> None:
@@ -459,28 +438,9 @@ def cmd_grants(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gateway.cli import _config
-    from gateway.config import ConfigError
-
-    token = args.token or os.environ.get("AGENTGATE_TOKEN")
-    if not token:
-        raise ConfigError("an admin token is needed: pass --token or set AGENTGATE_TOKEN")
-    base = args.admin_url or _config(args).admin_url
     params = {k: v for k, v in {"since": args.since, "until": args.until, "format": args.format,
                                 "agent": args.agent, "limit": args.limit}.items() if v not in (None, "")}
-    req = urllib.request.Request(f"{base.rstrip('/')}/v1/audit/export?{urlencode(params)}",
-                                 headers={"Authorization": f"Bearer {token}"})
-    try:
-        resp = urllib.request.urlopen(req, timeout=args.timeout)
-    except urllib.error.HTTPError as exc:
-        try:
-            err = json.load(exc)["error"]
-            message = f"{err['code']}: {err['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {exc.code}"
-        raise SystemExit(f"agentgate: admin API refused: {message}") from None
-    except urllib.error.URLError as exc:
-        raise SystemExit(f"agentgate: cannot reach the admin API at {base}: {exc.reason}") from None
+    resp = admin_open(args, f"/v1/audit/export?{urlencode(params)}")
     out: IO[bytes] = open(args.output, "wb") if args.output else sys.stdout.buffer
     lines = 0
     try:

@@ -459,10 +459,10 @@ class _Batch:
 class AuditSpool:
     """Durable audit: ``await begin(row)`` before the upstream, ``submit(row)`` when done.
 
-    Also: ``flush`` (rows in the store), ``sync`` (records on disk), ``start``, ``close``, the
-    counters ``depth``, ``dropped``, ``written``, ``bytes``, ``full``, ``healthy``, :meth:`status`
-    (everything /readyz and /metrics show) and the ``store`` setter. ``dropped`` counts
-    records (a BEGIN or a row) that were not spooled.
+    Also: ``flush`` (rows in the store), ``sync`` (records on disk), ``start``, ``close``,
+    ``required``, the counters ``depth``, ``dropped``, ``written``, ``bytes``, ``full``,
+    ``healthy``, :meth:`status` (everything /readyz and /metrics show) and the ``store`` setter.
+    ``dropped`` counts records (a BEGIN or a row) that were not spooled.
     """
 
     MAX_BACKOFF_SECONDS = 5.0

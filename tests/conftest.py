@@ -140,6 +140,9 @@ async def _echo(request: web.Request) -> web.StreamResponse:
             await asyncio.sleep(0.05)
         await resp.write_eof()
         return resp
+    if request.path.endswith("/slow"):
+        await asyncio.sleep(2)  # longer than the route timeout the test configures
+        return web.json_response({"slow": True})
     if request.path.endswith("/big"):
         return web.Response(body=b"x" * (3 << 20), content_type="application/octet-stream")
     return web.json_response({
@@ -276,10 +279,17 @@ class Gateway:
     def route_url(self, route: str, path: str = "/") -> str:
         return f"http://{self.routes}/r/{route}{path}"
 
+    def call_admin(self, method: str, path: str, token: str | None = None,
+                   body: dict[str, Any] | None = None) -> Response:
+        """The admin API at ``path`` with ``token`` as bearer (none: unauthenticated) and ``body`` as JSON."""
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return http(method, f"http://{self.admin}{path}", headers=headers,
+                    body=json.dumps(body).encode() if body is not None else None)
+
     def sql(self, query: str) -> list[dict[str, Any]]:
-        resp = http("POST", f"http://{self.admin}/v1/audit/sql",
-                    headers={"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
-                    body=json.dumps({"sql": query}).encode())
+        resp = self.call_admin("POST", "/v1/audit/sql", self.admin_token, {"sql": query})
         assert resp.status == 200, resp.body
         doc = resp.json()
         return [dict(zip(doc["columns"], row)) for row in doc["rows"]]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.conftest import Gateway, Keys, Upstream, http
@@ -15,10 +13,7 @@ def gw(gateway_factory, upstream: Upstream) -> Gateway:
 
 
 def sql(gw: Gateway, token: str | None, body: dict) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    resp = http("POST", f"http://{gw.admin}/v1/audit/sql", headers=headers, body=json.dumps(body).encode())
+    resp = gw.call_admin("POST", "/v1/audit/sql", token, body)
     assert resp.headers.get("x-agentgate-call-id")
     return resp.status, resp.json()
 

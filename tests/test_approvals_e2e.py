@@ -4,7 +4,6 @@ approver rules, webhooks, and approvals surviving a restart."""
 from __future__ import annotations
 
 import asyncio
-import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,12 +23,6 @@ def registry(tmp: Path) -> Path:
     return path
 
 
-def admin(gw: Gateway, method: str, path: str, token: str, body: dict | None = None):
-    return http(method, f"http://{gw.admin}{path}", headers={"Authorization": f"Bearer {token}",
-                                                             "Content-Type": "application/json"},
-                body=json.dumps(body).encode() if body is not None else None)
-
-
 def refund(gw: Gateway, keys: Keys, body: bytes = REFUND, agent: str = "refund-bot"):
     return http("POST", gw.route_url("plain", "/refunds"), body=body,
                 headers={"Authorization": f"Bearer {keys.token(agent, roles=['writer'])}",
@@ -37,7 +30,7 @@ def refund(gw: Gateway, keys: Keys, body: bytes = REFUND, agent: str = "refund-b
 
 
 def pending(gw: Gateway, token: str) -> list[dict]:
-    return admin(gw, "GET", "/v1/approvals?state=pending", token).json()["approvals"]
+    return gw.call_admin("GET", "/v1/approvals?state=pending", token).json()["approvals"]
 
 
 def wait_for_pending(gw: Gateway, token: str, count: int = 1) -> list[dict]:
@@ -75,7 +68,7 @@ def test_approve_while_held_forwards_exactly_once(gw: Gateway, keys: Keys, lead:
         assert approval["arguments"] == {"order": "1042", "amount": 30}
         assert approval["reasons"][-1] == "refunds need a support lead's approval"
         assert approval["expires_at"] > approval["created_at"]
-        decided = admin(gw, "POST", f"/v1/approvals/{approval['id']}/approve", lead, {"reason": "customer verified"})
+        decided = gw.call_admin("POST", f"/v1/approvals/{approval['id']}/approve", lead, {"reason": "customer verified"})
         assert decided.status == 200 and decided.json()["state"] == "approved"
         resp = held.result(timeout=30)
     assert resp.status == 200
@@ -88,7 +81,7 @@ def test_approve_while_held_forwards_exactly_once(gw: Gateway, keys: Keys, lead:
                     f"WHERE target = '{approval['id']}'")
     assert {"actor": "lead-bob", "action": "approval.approve", "target": approval["id"],
             "reason": "customer verified", "result": "ok"} in events
-    again = admin(gw, "POST", f"/v1/approvals/{approval['id']}/deny", lead, {"reason": "changed my mind"})
+    again = gw.call_admin("POST", f"/v1/approvals/{approval['id']}/deny", lead, {"reason": "changed my mind"})
     assert again.status == 409 and again.json()["error"]["code"] == "already_decided"
 
 
@@ -97,10 +90,10 @@ def test_deny_never_reaches_upstream(gw: Gateway, keys: Keys, lead: str, upstrea
     with ThreadPoolExecutor(1) as pool:
         held = pool.submit(refund, gw, keys, b'{"order": "666", "amount": 9999}')
         (approval,) = wait_for_pending(gw, lead)
-        no_reason = admin(gw, "POST", f"/v1/approvals/{approval['id']}/deny", lead, {})
+        no_reason = gw.call_admin("POST", f"/v1/approvals/{approval['id']}/deny", lead, {})
         assert no_reason.status == 400
-        assert admin(gw, "POST", f"/v1/approvals/{approval['id']}/deny", lead,
-                     {"reason": "amount looks wrong"}).status == 200
+        assert gw.call_admin("POST", f"/v1/approvals/{approval['id']}/deny", lead,
+                             {"reason": "amount looks wrong"}).status == 200
         resp = held.result(timeout=30)
     assert resp.status == 403
     err = resp.json()["error"]
@@ -116,16 +109,16 @@ def test_approver_rules(gw: Gateway, keys: Keys, lead: str) -> None:
         held = pool.submit(refund, gw, keys, b'{"order": "7", "amount": 1}')
         (approval,) = wait_for_pending(gw, lead)
         url = f"/v1/approvals/{approval['id']}/approve"
-        operator = admin(gw, "POST", url, keys.token("op", roles=["operator"]), {"reason": "x"})
+        operator = gw.call_admin("POST", url, keys.token("op", roles=["operator"]), {"reason": "x"})
         assert operator.status == 403 and operator.json()["error"]["code"] == "forbidden_role"
-        wrong_role = admin(gw, "POST", url, keys.token("sales-lead", roles=["approver", "sales-lead"]), {"reason": "x"})
+        wrong_role = gw.call_admin("POST", url, keys.token("sales-lead", roles=["approver", "sales-lead"]), {"reason": "x"})
         assert wrong_role.status == 403 and wrong_role.json()["error"]["code"] == "forbidden_role"
-        owner = admin(gw, "POST", url, keys.token("lead-alice", roles=["approver", "support-lead"]), {"reason": "mine"})
+        owner = gw.call_admin("POST", url, keys.token("lead-alice", roles=["approver", "support-lead"]), {"reason": "mine"})
         assert owner.status == 403 and owner.json()["error"]["code"] == "self_approval"
-        other_team = admin(gw, "POST", url, keys.token("lead-carol", roles=["approver", "support-lead"],
-                                                       approver_teams=["sales"]), {"reason": "x"})
+        other_team = gw.call_admin("POST", url, keys.token("lead-carol", roles=["approver", "support-lead"],
+                                                           approver_teams=["sales"]), {"reason": "x"})
         assert other_team.status == 403 and other_team.json()["error"]["code"] == "team_not_allowed"
-        assert admin(gw, "POST", url, lead, {"reason": "ok"}).status == 200
+        assert gw.call_admin("POST", url, lead, {"reason": "ok"}).status == 200
         assert held.result(timeout=30).status == 200
     refused = gw.sql("SELECT actor, result FROM agentgate.admin_events "
                      f"WHERE target = '{approval['id']}' AND result != 'ok' ORDER BY ts")
@@ -152,7 +145,7 @@ def test_hold_timeout_then_approval_then_one_retry(short_hold: Gateway, keys: Ke
     approval_id = first.headers[APPROVAL_ID.lower()]
     assert approval_id in err["message"]
     assert gw.audit_row(first.headers[CALL_ID])["outcome"] == "approval_expired"
-    assert admin(gw, "POST", f"/v1/approvals/{approval_id}/approve", lead, {"reason": "ok"}).status == 200
+    assert gw.call_admin("POST", f"/v1/approvals/{approval_id}/approve", lead, {"reason": "ok"}).status == 200
 
     before = refunds_seen(upstream)
     retry = refund(gw, keys)
@@ -249,7 +242,7 @@ def test_pending_approval_survives_restart(gateway_factory, keys: Keys, lead: st
     gw.stop()
     gw2 = gateway_factory(overrides, name="restart-b")
     assert [a["id"] for a in pending(gw2, lead)] == [approval_id]
-    assert admin(gw2, "POST", f"/v1/approvals/{approval_id}/approve", lead, {"reason": "after restart"}).status == 200
+    assert gw2.call_admin("POST", f"/v1/approvals/{approval_id}/approve", lead, {"reason": "after restart"}).status == 200
     retry = refund(gw2, keys, b'{"order": "restart", "amount": 5}')
     assert retry.status == 200
     assert gw2.audit_row(retry.headers[CALL_ID])["approval_id"] == approval_id

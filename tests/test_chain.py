@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from storage import schema
 from storage.audit import _insert, call_to_row
 from storage.chain import (GENESIS, Chain, Head, canonical, last_head, normalize, row_hash, verify,
                            verify_store)
 from storage.store import Store
-from tests.test_storage import dsn, make_call, select
+from tests.storage_helpers import make_call, select, store  # noqa: F401 (store: a fixture)
 
 DB = "agentgate"
 COL = {n: i for i, n in enumerate(schema.COLUMN_NAMES)}
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(dsn(tmp_path / "ch"), ttl_days=90)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def chained(n: int, instance: str = "gw-1", chain: Chain | None = None, **overrides: Any) -> list[tuple[Any, ...]]:

@@ -1,6 +1,6 @@
 """The ClickHouse HTTP test fixture (tests/clickhouse_fixture.py) against the real clients:
 clickhouse-connect unchanged, two processes sharing the store, kill/restart, and the gateway's
-own Store + AuditWriter (migrations, batched inserts, read-only admin queries, outage replay)."""
+own Store + AuditSpool (migrations, batched inserts, read-only admin queries, outage replay)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from gateway.models import Call, GatewayRequest, Identity
 from storage import schema
-from storage.audit import AuditWriter, call_to_row
+from storage.audit import call_to_row
+from storage.spool import AuditSpool
 from storage.store import QueryError, Store
 from tests.clickhouse_fixture import ROOT, ClickHouseFixture, scan_statement
 
@@ -234,17 +235,23 @@ def make_call(i: int, agent: str = "agent-1") -> Call:
     return call
 
 
-async def test_store_and_audit_writer(ch: ClickHouseFixture) -> None:
+def spool(store: Store, directory: Path) -> AuditSpool:
+    return AuditSpool(store, directory, instance="fx", batch_size=50, flush_interval_seconds=0.05,
+                      retry_min_seconds=0.01, begin_timeout_seconds=30)
+
+
+async def test_store_and_audit_spool(ch: ClickHouseFixture, tmp_path: Path) -> None:
     store = Store(ch.dsn, database="agentgate_fx", ttl_days=30)
     await store.open()
-    writer = AuditWriter(store, batch_size=50, flush_interval_seconds=0.05, instance="fx")
-    await writer.start()
+    sp = spool(store, tmp_path / "spool")
+    await sp.start()
     try:
         calls = [make_call(i) for i in range(120)]
         for call in calls:
-            writer.submit(call_to_row(call, instance="fx"))
-        await writer.flush(timeout=20)
-        assert (writer.written, writer.dropped, writer.failed_batches) == (120, 0, 0)
+            sp.submit(call_to_row(call, instance="fx"))
+        await sp.flush(timeout=20)
+        assert (sp.written, sp.dropped, sp.failed_batches) == (120, 0, 0)
+        assert sp.batches_written >= 3  # batches of at most 50 rows
         assert await store.ping()
 
         cols, rows = await store.query_readonly(
@@ -263,7 +270,7 @@ async def test_store_and_audit_writer(ch: ClickHouseFixture) -> None:
         with pytest.raises(QueryError, match="UNKNOWN_TABLE"):
             await store.query_readonly("SELECT * FROM agentgate_fx.nope", limit=1)
     finally:
-        await writer.close()
+        await sp.close()
         await store.close()
 
     again = Store(ch.dsn, database="agentgate_fx", ttl_days=30)  # migrations are idempotent
@@ -283,25 +290,33 @@ async def wait_for(predicate: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_audit_writer_replays_after_outage(own_ch: ClickHouseFixture) -> None:
+async def test_audit_spool_replays_after_outage(own_ch: ClickHouseFixture, tmp_path: Path) -> None:
     store = Store(own_ch.dsn, database="agentgate", ttl_days=7, connect_timeout_seconds=2)
     await store.open()
-    writer = AuditWriter(store, batch_size=100, flush_interval_seconds=0.05, instance="fx")
-    await writer.start()
+    stores = [store]
+    sp = spool(store, tmp_path / "spool")
+    await sp.start()
     try:
-        writer.submit(call_to_row(make_call(0), instance="fx"))
-        await writer.flush(timeout=10)
+        sp.submit(call_to_row(make_call(0), instance="fx"))
+        await sp.flush(timeout=10)
         await asyncio.to_thread(own_ch.kill)
         assert not await store.ping()
         for i in range(1, 11):
-            writer.submit(call_to_row(make_call(i), instance="fx"))
-        await wait_for(lambda: writer.failed_batches >= 1, 10, "a failed insert while the store is down")
+            call = make_call(i)
+            await sp.begin(call_to_row(call, instance="fx"))  # the spool keeps taking calls
+            sp.submit(call_to_row(call, instance="fx"))
+        await wait_for(lambda: sp.failed_batches >= 1, 10, "a failed insert while the store is down")
+        assert sp.depth == 10 and not sp.healthy
         await asyncio.to_thread(own_ch.restart)
-        await writer.flush(timeout=20)
-        assert (writer.written, writer.dropped) == (11, 0)
-        _, rows = await store.query_readonly(
+        if own_ch.port_changed:  # the old port was taken: ship to the new address
+            stores.append(Store(own_ch.dsn, database="agentgate", ttl_days=7, connect_timeout_seconds=2))
+        sp.store = stores[-1]  # the store is back: retry now rather than at the end of the backoff
+        await sp.flush(timeout=20)
+        assert (sp.written, sp.dropped, sp.depth) == (11, 0, 0) and sp.healthy
+        _, rows = await stores[-1].query_readonly(
             "SELECT count(), uniqExact(call_id), max(request_bytes) FROM agentgate.calls", limit=1)
         assert rows == [[11, 11, 10]]
     finally:
-        await writer.close()
-        await store.close()
+        await sp.close()
+        for s in stores:
+            await s.close()

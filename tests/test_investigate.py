@@ -36,15 +36,9 @@ OPS_SESSION = "ops-session-7"
 PUBLIC_REPLY = json.dumps({"ticket": {"comment": {"body": "Refund issued", "public": True}}}).encode()
 
 
-def admin(gw: Gateway, method: str, path: str, token: str, body: dict | None = None):
-    return http(method, f"http://{gw.admin}{path}", headers={"Authorization": f"Bearer {token}",
-                                                             "Content-Type": "application/json"},
-                body=json.dumps(body).encode() if body is not None else None)
-
-
 def ask(gw: Gateway, path: str, token: str | None = None, **params: Any) -> dict[str, Any]:
     query = urlencode({k: v for k, v in params.items() if v is not None})
-    resp = admin(gw, "GET", path + (f"?{query}" if query else ""), token or gw.admin_token)
+    resp = gw.call_admin("GET", path + (f"?{query}" if query else ""), token or gw.admin_token)
     assert resp.status == 200, resp.body
     return resp.json()
 
@@ -78,13 +72,13 @@ class Scenario:
             wait_until(lambda: bool(self.pending(approver)), what=f"the approval for {name}")
             (approval,) = self.pending(approver)
             verb = "approve" if approve else "deny"
-            assert admin(self.gw, "POST", f"/v1/approvals/{approval['id']}/{verb}", approver,
-                         {"reason": reason}).status == 200
+            assert self.gw.call_admin("POST", f"/v1/approvals/{approval['id']}/{verb}", approver,
+                                      {"reason": reason}).status == 200
             fut.result(timeout=30)
         return approval["id"]
 
     def pending(self, token: str) -> list[dict]:
-        return admin(self.gw, "GET", "/v1/approvals?state=pending", token).json()["approvals"]
+        return self.gw.call_admin("GET", "/v1/approvals?state=pending", token).json()["approvals"]
 
     def forward(self, name: str, agent: str, roles: list[str], team: str, url: str, expect: int) -> None:
         host, port = self.gw.proxy.split(":")
@@ -121,8 +115,8 @@ class Scenario:
         self.ids["approval_refund"] = self.held("o_refund", self.finance, False, "amount not verified", *ops, "POST",
                                                 "stripe", "/v1/refunds", body=b'{"charge": "ch_1", "amount": 500}',
                                                 headers=session, expect=403)
-        switch = admin(self.gw, "POST", "/v1/killswitches", self.operator,
-                       {"scope": "agent", "target": "ops-bot", "reason": "incident 7"})
+        switch = self.gw.call_admin("POST", "/v1/killswitches", self.operator,
+                                    {"scope": "agent", "target": "ops-bot", "reason": "incident 7"})
         assert switch.status == 201
         self.ids["killswitch"] = switch.json()["id"]
         self.call("o_killed", *ops, "GET", "stripe", "/v1/charges/ch_1", headers=session, expect=403)
@@ -291,7 +285,7 @@ def test_grants_versus_use(world: Scenario) -> None:
 
 # ---------------------------------------------------------------------------------------- export
 def export(gw: Gateway, fmt: str, **params: Any):
-    resp = admin(gw, "GET", "/v1/audit/export?" + urlencode({"since": "1h", "format": fmt, **params}), gw.admin_token)
+    resp = gw.call_admin("GET", "/v1/audit/export?" + urlencode({"since": "1h", "format": fmt, **params}), gw.admin_token)
     assert resp.status == 200, resp.body
     return resp
 
@@ -368,15 +362,15 @@ def test_export_jsonl_and_csv_parse_back(world: Scenario, tmp_path: Path) -> Non
 def test_roles_refusals_and_admin_events(world: Scenario) -> None:
     gw = world.gw
     for path in ("/v1/audit/timeline?agent=x", "/v1/audit/export?since=1h", "/v1/audit/trace/t"):
-        resp = admin(gw, "GET", path, world.operator)
+        resp = gw.call_admin("GET", path, world.operator)
         assert resp.status == 403 and resp.json()["error"]["code"] == "forbidden_role", path
     assert http("GET", f"http://{gw.admin}/v1/audit/denied").status == 401
     for path in ("/v1/audit/timeline?agent=x&since=yesterday", "/v1/audit/timeline?since=1h",
                  "/v1/audit/export?since=1h&format=xml", "/v1/audit/export", "/v1/audit/denied?limit=0"):
-        resp = admin(gw, "GET", path, gw.admin_token)
+        resp = gw.call_admin("GET", path, gw.admin_token)
         assert resp.status == 400 and resp.json()["error"]["code"] == "bad_request", path
     admin_token = world.keys.token("chief", roles=["admin"], team=None)
-    assert admin(gw, "GET", "/v1/audit/denied?since=1h", admin_token).status == 200
+    assert gw.call_admin("GET", "/v1/audit/denied?since=1h", admin_token).status == 200
     events = gw.sql("SELECT actor, action, target, result FROM agentgate.admin_events "
                     "WHERE action LIKE 'audit.%' AND action != 'audit.sql'")
     actions = {(e["actor"], e["action"], e["result"]) for e in events}

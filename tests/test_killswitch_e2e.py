@@ -4,7 +4,6 @@ approvals denied, persistence across restarts, revive, and the CLI."""
 from __future__ import annotations
 
 from http.client import HTTPConnection, IncompleteRead
-import json
 import os
 import subprocess
 import sys
@@ -17,12 +16,6 @@ import pytest
 from tests.conftest import ROOT, Gateway, Keys, Upstream, http, wait_until
 
 CALL_ID = "x-agentgate-call-id"
-
-
-def admin(gw: Gateway, method: str, path: str, token: str, body: dict | None = None):
-    return http(method, f"http://{gw.admin}{path}", headers={"Authorization": f"Bearer {token}",
-                                                             "Content-Type": "application/json"},
-                body=json.dumps(body).encode() if body is not None else None)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +33,13 @@ def get(gw: Gateway, keys: Keys, agent: str, team: str = "support", path: str = 
 
 
 def kill(gw: Gateway, token: str, scope: str, target: str = "", reason: str = "incident 42") -> dict:
-    resp = admin(gw, "POST", "/v1/killswitches", token, {"scope": scope, "target": target, "reason": reason})
+    resp = gw.call_admin("POST", "/v1/killswitches", token, {"scope": scope, "target": target, "reason": reason})
     assert resp.status == 201, resp.body
     return resp.json()
 
 
 def revive(gw: Gateway, token: str, switch_id: str) -> None:
-    assert admin(gw, "DELETE", f"/v1/killswitches/{switch_id}", token).status == 200
+    assert gw.call_admin("DELETE", f"/v1/killswitches/{switch_id}", token).status == 200
 
 
 def test_kill_agent_refuses_next_call_and_spares_others(gw: Gateway, keys: Keys, operator: str) -> None:
@@ -59,13 +52,13 @@ def test_kill_agent_refuses_next_call_and_spares_others(gw: Gateway, keys: Keys,
     row = gw.audit_row(refused.headers[CALL_ID])
     assert (row["outcome"], row["killswitch_id"], row["agent_id"]) == ("killed", switch["id"], "rogue-bot")
     assert get(gw, keys, "good-bot").status == 200
-    listed = admin(gw, "GET", "/v1/killswitches", operator).json()["killswitches"]
+    listed = gw.call_admin("GET", "/v1/killswitches", operator).json()["killswitches"]
     assert [s["id"] for s in listed] == [switch["id"]]
     events = gw.sql("SELECT actor, action, reason FROM agentgate.admin_events WHERE action = 'killswitch.create'")
     assert {"actor": "oncall-olga", "action": "killswitch.create", "reason": "exfiltration suspected"} in events
     revive(gw, operator, switch["id"])
     assert get(gw, keys, "rogue-bot").status == 200
-    assert admin(gw, "DELETE", f"/v1/killswitches/{switch['id']}", operator).status == 409
+    assert gw.call_admin("DELETE", f"/v1/killswitches/{switch['id']}", operator).status == 409
 
 
 def test_team_and_global_scopes(gw: Gateway, keys: Keys, operator: str) -> None:
@@ -83,10 +76,10 @@ def test_team_and_global_scopes(gw: Gateway, keys: Keys, operator: str) -> None:
 
 def test_kill_requires_operator_and_valid_input(gw: Gateway, keys: Keys, operator: str) -> None:
     responder = keys.token("r", roles=["responder"])
-    resp = admin(gw, "POST", "/v1/killswitches", responder, {"scope": "all", "reason": "x"})
+    resp = gw.call_admin("POST", "/v1/killswitches", responder, {"scope": "all", "reason": "x"})
     assert resp.status == 403 and resp.json()["error"]["code"] == "forbidden_role"
     for body in ({"scope": "planet", "reason": "x"}, {"scope": "agent", "reason": "x"}, {"scope": "team", "target": "t"}):
-        bad = admin(gw, "POST", "/v1/killswitches", operator, body)
+        bad = gw.call_admin("POST", "/v1/killswitches", operator, body)
         assert bad.status == 400 and bad.json()["error"]["code"] == "bad_request", body
     rows = gw.sql("SELECT actor, result FROM agentgate.admin_events WHERE action = 'killswitch.create' "
                   "AND result = 'forbidden'")
@@ -151,14 +144,14 @@ def test_kill_denies_held_approvals(gw: Gateway, keys: Keys, operator: str, upst
                                         headers={"Authorization": f"Bearer {keys.token('held-bot', roles=['writer'])}",
                                                  "Content-Type": "application/json"}))
         wait_until(lambda: any(a["agent_id"] == "held-bot" for a in
-                               admin(gw, "GET", "/v1/approvals?state=pending", lead).json()["approvals"]),
+                               gw.call_admin("GET", "/v1/approvals?state=pending", lead).json()["approvals"]),
                    what="the held approval")
         switch = kill(gw, operator, "agent", "held-bot", "runaway refunds")
         resp = held.result(timeout=30)
     assert resp.status == 403
     assert resp.json()["error"]["code"] == "approval_denied"
     assert "runaway refunds" in resp.json()["error"]["message"]
-    denied = admin(gw, "GET", "/v1/approvals?state=denied", lead).json()["approvals"]
+    denied = gw.call_admin("GET", "/v1/approvals?state=denied", lead).json()["approvals"]
     assert any(a["agent_id"] == "held-bot" and a["decided_by"] == f"killswitch:{switch['id']}" for a in denied)
     revive(gw, operator, switch["id"])
 
@@ -193,3 +186,50 @@ def test_killswitch_survives_restart_and_cli(gateway_factory, keys: Keys, operat
     assert get(gw2, keys, "ops-bot", team="ops").status == 200
     missing = cli("revive", "agent", "nobody")
     assert missing.returncode != 0 and "no active kill-switch" in missing.stderr
+
+
+async def test_kill_cuts_open_websocket_in_forward_mode(gateway_factory, keys: Keys, operator: str,
+                                                        tmp_path: Path) -> None:
+    """wss through a CONNECT tunnel (how clients reach websockets through a proxy)."""
+    import asyncio
+    import ssl
+
+    import aiohttp
+    import trustme
+    from aiohttp import web
+
+    from tests.conftest import start_upstream
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        for i in range(200):  # bounded: 200 ticks, 10 s
+            if ws.closed:
+                break
+            await ws.send_str(f"tick {i}")
+            await asyncio.sleep(0.05)
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    up = Upstream(tls=trustme.CA())
+    stop = await asyncio.to_thread(start_upstream, up, tmp_path, app)
+    try:
+        gw = await asyncio.to_thread(gateway_factory, {"proxy": {"upstream_ca_file": str(up.ca_file)}}, None, "ws")
+        client_tls = ssl.create_default_context(cafile=str(gw.ca_file))
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"wss://127.0.0.1:{up.port}/ws", proxy=f"http://{gw.proxy}", ssl=client_tls,
+                                          proxy_headers={"Proxy-Authorization": f"Bearer {keys.token('ws-bot')}"}) as ws:
+                first = await ws.receive(timeout=10)
+                assert first.type == aiohttp.WSMsgType.TEXT and first.data.startswith("tick")
+                await asyncio.to_thread(kill, gw, operator, "agent", "ws-bot")
+                ticks = 1
+                while True:
+                    msg = await ws.receive(timeout=10)
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        break
+                    ticks += 1
+                assert ticks < 200, "the websocket must be cut, not run to completion"
+    finally:
+        await asyncio.to_thread(stop)

@@ -4,7 +4,6 @@ replica's admin API take effect on the other."""
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,12 +31,6 @@ def replicas(gateway_factory, upstream: Upstream, clickhouse: ClickHouseFixture)
     return gateway_factory(overrides, name="replica-a"), gateway_factory(overrides, name="replica-b")
 
 
-def admin(gw: Gateway, method: str, path: str, token: str, body: dict | None = None):
-    return http(method, f"http://{gw.admin}{path}", headers={"Authorization": f"Bearer {token}",
-                                                             "Content-Type": "application/json"},
-                body=json.dumps(body).encode() if body is not None else None)
-
-
 def status_of(gw: Gateway, keys: Keys, agent: str) -> int:
     return http("GET", gw.route_url("plain", "/x"), headers={"Authorization": f"Bearer {keys.token(agent)}"}).status
 
@@ -46,13 +39,13 @@ def test_killswitch_on_one_replica_applies_to_the_other(replicas, keys: Keys) ->
     a, b = replicas
     operator = keys.token("oncall", roles=["operator"])
     assert status_of(a, keys, "shared-bot") == 200
-    created = admin(b, "POST", "/v1/killswitches", operator, {"scope": "agent", "target": "shared-bot", "reason": "drill"})
+    created = b.call_admin("POST", "/v1/killswitches", operator, {"scope": "agent", "target": "shared-bot", "reason": "drill"})
     assert created.status == 201
     flipped = time.monotonic()
     wait_until(lambda: status_of(a, keys, "shared-bot") == 403, timeout=5, what="replica A to see the kill-switch")
     assert time.monotonic() - flipped < 2.5, "poll interval is 0.25 s: the switch should apply well within a second"
     assert status_of(a, keys, "other-bot") == 200
-    assert admin(a, "DELETE", f"/v1/killswitches/{created.json()['id']}", operator).status == 200
+    assert a.call_admin("DELETE", f"/v1/killswitches/{created.json()['id']}", operator).status == 200
     wait_until(lambda: status_of(b, keys, "shared-bot") == 200, timeout=5, what="replica B to see the revive")
 
 
@@ -65,11 +58,11 @@ def test_call_held_on_a_is_released_by_approval_on_b(replicas, keys: Keys, upstr
                                         headers={"Authorization": f"Bearer {keys.token('payer', roles=['writer'])}",
                                                  "Content-Type": "application/json"}))
         wait_until(lambda: any(x["agent_id"] == "payer" for x in
-                               admin(b, "GET", "/v1/approvals?state=pending", lead).json()["approvals"]),
+                               b.call_admin("GET", "/v1/approvals?state=pending", lead).json()["approvals"]),
                    timeout=10, what="replica B to see the approval held on A")
-        (approval,) = [x for x in admin(b, "GET", "/v1/approvals?state=pending", lead).json()["approvals"]
+        (approval,) = [x for x in b.call_admin("GET", "/v1/approvals?state=pending", lead).json()["approvals"]
                        if x["agent_id"] == "payer"]
-        assert admin(b, "POST", f"/v1/approvals/{approval['id']}/approve", lead, {"reason": "ok"}).status == 200
+        assert b.call_admin("POST", f"/v1/approvals/{approval['id']}/approve", lead, {"reason": "ok"}).status == 200
         resp = held.result(timeout=30)
     assert resp.status == 200
     assert sum(1 for s in upstream.seen if s.path == "/refunds") == before + 1

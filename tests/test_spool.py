@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,10 @@ from storage.chain import verify
 from storage.spool import (BEGIN, COMPLETE, AuditSpool, AuditUnavailable, ScanResult, SpoolLocked,
                            iter_records, list_segments, segment_path)
 from storage.store import Store
-from tests.test_storage import dsn, make_call, select, wait_until
+from tests.storage_helpers import GW, dsn, row, select, spool, store, wait_until  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-GW = "gw-test"
 COL = {n: i for i, n in enumerate(schema.COLUMN_NAMES)}
-
-
-def row(instance: str = GW, **overrides: Any) -> tuple[Any, ...]:
-    return call_to_row(make_call(**overrides), instance=instance)
 
 
 def closed_port_dsn() -> str:
@@ -49,23 +43,6 @@ def closed_port_dsn() -> str:
 
 def down_store() -> Store:
     return Store(closed_port_dsn(), connect_timeout_seconds=1)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(dsn(tmp_path / "ch"), ttl_days=90)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-def spool(store: Store, tmp_path: Path, **kw: Any) -> AuditSpool:
-    kw.setdefault("flush_interval_seconds", 0.02)
-    kw.setdefault("retry_min_seconds", 0.01)
-    kw.setdefault("begin_timeout_seconds", 30)  # a loaded test machine can be slow to fsync
-    return AuditSpool(store, tmp_path / "spool", instance=GW, **kw)
 
 
 def records(directory: Path) -> list[tuple[int, bytes]]:
@@ -130,6 +107,19 @@ async def test_completes_sync_without_a_begin(store: Store, tmp_path: Path) -> N
     sp.submit(row())
     await wait_until(lambda: sp.written == 1)  # no begin, no flush: the interval writes it
     await sp.close()
+
+
+async def test_close_ships_what_is_left(store: Store, tmp_path: Path) -> None:
+    sp = spool(store, tmp_path, batch_size=1000, flush_interval_seconds=60)  # only close() ships them
+    await sp.start()
+    for _ in range(7):
+        sp.submit(row())
+    await sp.close(timeout=20)
+    assert (sp.written, sp.depth, sp.dropped) == (7, 0, 0)
+    assert await select(store, "SELECT count() FROM agentgate.calls") == [(7,)]
+    sp.submit(row())  # after close: counted, never raises
+    assert sp.dropped == 1
+    await sp.flush()  # returns at once after close
 
 
 async def test_spool_locked_by_one_process(store: Store, tmp_path: Path) -> None:
@@ -381,7 +371,7 @@ from pathlib import Path
 from storage.audit import call_to_row
 from storage.spool import AuditSpool
 from storage.store import Store
-from tests.test_storage import make_call
+from tests.storage_helpers import make_call
 
 async def worker(sp, n):
     while True:

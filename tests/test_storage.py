@@ -7,73 +7,25 @@ stores in teardown, and tests run one after the other.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
-import logging
 import socket
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import storage.store as store_mod
-from gateway.models import Call, Decision, GatewayRequest, Identity
+from gateway.models import Call, GatewayRequest
 from storage import schema
-from storage.audit import REDACTED, AuditWriter, call_to_row, redact_query
+from storage.audit import REDACTED, call_to_row, redact_query
+from storage.chain import GENESIS, row_hash, verify
+from storage.spool import list_segments, segment_path
 from storage.store import QueryError, QueryRejected, Store, StoreError, check_readonly_sql, redact_dsn
+from tests.storage_helpers import dsn, make_call, select, spool, store  # noqa: F401 (store: a fixture)
 
 DB = "agentgate"
-
-
-def dsn(path: Path) -> str:
-    return f"chdb://{path.resolve()}"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(dsn(tmp_path / "ch"), database=DB, ttl_days=90)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition the writer reaches on its own (bounded; polls the loop)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-async def select(s: Store, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    return await s.run(lambda c: c.query(sql, parameters=params).result_rows)
-
-
-def make_call(**overrides: Any) -> Call:
-    req = GatewayRequest(
-        mode="route", method="POST", scheme="https", host="API.Example.com", port=8443,
-        path="/v1/repos/x/issues", query="page=2&access_token=hunter2&sig=abc123&q=ok",
-        headers=[("Authorization", "Bearer s3cr3t-header")], body=b'{"a":1}',
-        client_ip="127.0.0.7", route="github")
-    call = Call(request=req, trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
-                identity=Identity("agent-7", "blue", ("reader", "writer")),
-                canonical_host="api.example.com", canonical_path="/v1/repos/x/issues",
-                decision=Decision(allow=False, reasons=["no_writes"]),
-                policy_revision="rev-42", engine="embedded", enforce=False, fail_open=True,
-                outcome="denied", status=403, error_code="forbidden", reasons=["no_writes", "x"],
-                request_bytes=7, response_bytes=2**40, decision_us=1234, upstream_ms=12.5,
-                tool_kind="mcp", tool_name="create_issue")
-    for key, value in overrides.items():
-        setattr(call, key, value)
-    return call
 
 
 # ------------------------------------------------------------------ schema & migrations
@@ -213,10 +165,10 @@ def test_check_readonly_sql_accepts(sql: str, expected: str) -> None:
 
 async def test_query_readonly_refuses_writes_and_keeps_data(store: Store, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    writer = AuditWriter(store, batch_size=10, flush_interval_seconds=0.05, queue_max=100, instance="t")
-    await writer.start()
-    writer.submit(call_to_row(make_call(), instance="t"))
-    await writer.close()
+    sp = spool(store, tmp_path)
+    await sp.start()
+    sp.submit(call_to_row(make_call(), instance="t"))
+    await sp.close()
     for sql in REJECTED:
         with pytest.raises(QueryRejected):
             await store.query_readonly(sql, limit=10)
@@ -297,20 +249,28 @@ def test_call_to_row_defaults_and_timing() -> None:
     assert row["ts_start"].tzinfo is dt.timezone.utc
 
 
-async def test_every_column_round_trips(store: Store) -> None:
+async def test_every_column_round_trips(store: Store, tmp_path: Path) -> None:
+    """A row from call_to_row goes through the spool into ClickHouse and comes back unchanged,
+    with the chain columns the spool fills in."""
     call = make_call()
     expected = dict(zip(schema.COLUMN_NAMES, call_to_row(call, instance="gw-a")))
-    writer = AuditWriter(store, batch_size=100, flush_interval_seconds=0.05, queue_max=100, instance="gw-a")
-    await writer.start()
-    writer.submit(tuple(expected.values()))
-    await writer.flush(timeout=10)
-    assert writer.written == 1 and writer.depth == 0
+    sp = spool(store, tmp_path, instance="gw-a", batch_size=100)
+    await sp.start()
+    try:
+        sp.submit(tuple(expected.values()))
+        await sp.flush(timeout=10)
+        assert (sp.written, sp.depth, sp.dropped) == (1, 0, 0)
+    finally:
+        await sp.close()
     names = ", ".join(schema.COLUMN_NAMES)
     [row] = await select(store, f"SELECT {names}, toUnixTimestamp64Micro(ts_start), "
                                 f"toUnixTimestamp64Micro(ts_end) FROM agentgate.calls")
     got = dict(zip(schema.COLUMN_NAMES, row))
+    chained = {"seq", "prev_hash", "row_hash"}
     for name in schema.COLUMN_NAMES:
         want = expected[name]
+        if name in chained:
+            continue
         if name in ("ts_start", "ts_end"):
             micros = row[len(schema.COLUMN_NAMES) + (0 if name == "ts_start" else 1)]
             assert micros == (want - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
@@ -318,98 +278,34 @@ async def test_every_column_round_trips(store: Store) -> None:
             assert got[name] == pytest.approx(want, rel=1e-6), name
         else:
             assert got[name] == want, name
-    assert got["call_id"] == uuid.UUID(call.call_id)
+    assert (got["seq"], got["prev_hash"]) == (1, GENESIS)  # the first row of gw-a's chain
+    assert got["row_hash"] == row_hash(row[:len(schema.COLUMN_NAMES)]) and len(got["row_hash"]) == 64
+    assert got["call_id"] == uuid.UUID(call.call_id) and got["gateway_instance"] == "gw-a"
     assert got["query"] == f"page=2&access_token={REDACTED}&sig={REDACTED}&q=ok"
     assert (got["mode"], got["route"], got["roles"], got["response_bytes"]) == ("route", "github", ["reader", "writer"], 2**40)
-    await writer.close()
+    report = await store.run(verify, DB)
+    assert report.ok and report.instances["gw-a"].rows == 1
 
 
-async def test_secrets_never_written(store: Store) -> None:
-    writer = AuditWriter(store, batch_size=10, flush_interval_seconds=0.05, queue_max=100, instance="t")
-    await writer.start()
-    req_query = "token=hunter2&apiKey=hunter2&Password=hunter2&SessionId=hunter2&auth_code=hunter2&x=1"
+async def test_secrets_never_written(store: Store, tmp_path: Path) -> None:
+    """Secret query parameters are scrubbed before the row exists: neither the spool's files
+    nor the stored row hold them, and request headers are never recorded."""
+    sp = spool(store, tmp_path)
+    await sp.start()
     call = make_call()
-    call.request.query = req_query
-    writer.submit(call_to_row(call, instance="t"))
-    await writer.flush(timeout=10)
+    call.request.query = "token=hunter2&apiKey=hunter2&Password=hunter2&SessionId=hunter2&auth_code=hunter2&x=1"
+    try:
+        await sp.begin(call_to_row(call, instance="t"))
+        sp.submit(call_to_row(call, instance="t"))
+        await sp.sync(timeout=10)
+        on_disk = b"".join(segment_path(sp.directory, seg).read_bytes() for seg in list_segments(sp.directory))
+        assert b"agent-7" in on_disk  # the records are there ...
+        assert b"hunter2" not in on_disk and b"s3cr3t-header" not in on_disk  # ... without the secrets
+        await sp.flush(timeout=10)
+    finally:
+        await sp.close()
     cols, rows = await store.query_readonly("SELECT * FROM agentgate.calls", limit=10)
     dumped = json.dumps(rows)
+    assert len(rows) == 1
     assert "hunter2" not in dumped and "s3cr3t-header" not in dumped
     assert rows[0][cols.index("query")].endswith("&x=1")
-    await writer.close()
-
-
-# ------------------------------------------------------------------ writer
-async def test_batching_few_inserts(store: Store) -> None:
-    writer = AuditWriter(store, batch_size=50, flush_interval_seconds=60, queue_max=10_000, instance="t")
-    await writer.start()
-    for _ in range(500):  # all submitted before the writer task gets to run
-        writer.submit(call_to_row(make_call(), instance="t"))
-    assert writer.depth == 500
-    await writer.flush(timeout=20)
-    assert (writer.written, writer.batches_written, writer.depth) == (500, 10, 0)
-    assert await select(store, "SELECT count(), uniqExact(call_id) FROM agentgate.calls") == [(500, 500)]
-    await writer.close()
-
-
-async def test_interval_flush_without_full_batch(store: Store) -> None:
-    writer = AuditWriter(store, batch_size=1000, flush_interval_seconds=0.05, queue_max=100, instance="t")
-    await writer.start()
-    for _ in range(3):
-        writer.submit(call_to_row(make_call(), instance="t"))
-    await wait_until(lambda: writer.written == 3)  # no flush(): the interval timer writes them
-    assert writer.batches_written == 1
-    await writer.close()
-
-
-async def test_queue_full_drops_without_blocking(store: Store, caplog: pytest.LogCaptureFixture) -> None:
-    writer = AuditWriter(store, batch_size=10, flush_interval_seconds=0.05, queue_max=5, instance="t")
-    row = call_to_row(make_call(), instance="t")
-    with caplog.at_level(logging.WARNING, logger="storage.audit"):
-        for _ in range(8):
-            writer.submit(row)  # writer not started yet: the buffer fills up
-    assert (writer.depth, writer.dropped) == (5, 3)
-    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1  # rate-limited
-    await writer.start()
-    await writer.flush(timeout=10)
-    assert writer.written == 5
-    await writer.close()
-
-
-async def test_failed_inserts_are_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    s = Store(dsn(tmp_path / "ch"))  # not open yet: every insert fails
-    writer = AuditWriter(s, batch_size=100, flush_interval_seconds=0.01, queue_max=4, instance="t")
-    call = make_call()
-    call.request.client_ip = "198.51.100.99"
-    with caplog.at_level(logging.ERROR, logger="storage.audit"):
-        await writer.start()
-        for _ in range(3):
-            writer.submit(call_to_row(call, instance="t"))
-        await wait_until(lambda: writer.failed_batches >= 2)
-        for _ in range(3):  # the retained batch counts against queue_max
-            writer.submit(call_to_row(call, instance="t"))
-        assert (writer.depth, writer.dropped) == (4, 2)
-        await s.open()
-        try:
-            await writer.flush(timeout=20)
-            assert (writer.written, writer.depth) == (4, 0)
-            # The same call submitted four times is one row: calls dedups by call_id.
-            assert await select(s, "SELECT count() FROM agentgate.calls FINAL") == [(1,)]
-            await writer.close()
-        finally:
-            await s.close()
-    assert any("failed" in r.getMessage() for r in caplog.records)
-    assert "198.51.100.99" not in caplog.text and "agent-7" not in caplog.text
-
-
-async def test_close_flushes_remaining_rows(store: Store) -> None:
-    writer = AuditWriter(store, batch_size=1000, flush_interval_seconds=60, queue_max=100, instance="t")
-    await writer.start()
-    for _ in range(7):
-        writer.submit(call_to_row(make_call(), instance="t"))
-    await writer.close(timeout=20)
-    assert (writer.written, writer.depth, writer.dropped) == (7, 0, 0)
-    assert await select(store, "SELECT count() FROM agentgate.calls") == [(7,)]
-    writer.submit(call_to_row(make_call(), instance="t"))  # after close: counted, never raises
-    assert writer.dropped == 1
-    await writer.flush()  # returns at once after close
