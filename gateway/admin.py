@@ -154,7 +154,7 @@ class AdminApi:
         """Walk the hash chain of every instance (or ``?instance=``) and report tampering."""
         actor = await self.authorize(request, AUDIT_ROLES, "audit.verify")
         instance = request.query.get("instance") or None
-        await self.audit.flush(timeout=_FRESHNESS_WAIT_SECONDS)
+        await self.fresh_audit()
         report = await verify_store(self.store, instance=instance,
                                     expected_heads=shipped_heads(self.audit.directory))
         await self.events.record(actor, "audit.verify", instance or "*",
