@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +21,19 @@ ISSUER = "agentgate-bench"
 AUDIENCE = "agentgate"
 ROUTE = "demo"
 """The example bundle maps route ``demo`` (and host 127.0.0.1) to the system ``demo``."""
+BULK_ROUTE, BULK_REDACT_ROUTE = "bulk", "bulk-redact"
+"""Bench-only routes to the same upstream (bench/policy/bulk.rego): not redacted / redacted."""
+OVERLAY = procs.ROOT / "bench" / "policy"
+
+
+def policy_bundle(directory: Path) -> Path:
+    """The example bundle (tests left out) plus the bench overlay's modules under ``bench/``."""
+    shutil.copytree(procs.ROOT / "policies", directory, ignore=shutil.ignore_patterns("*_test.rego", ".*"),
+                    dirs_exist_ok=True)
+    (directory / "bench").mkdir(exist_ok=True)
+    for module in sorted(OVERLAY.glob("*.rego")):
+        shutil.copyfile(module, directory / "bench" / module.name)
+    return directory
 
 
 @dataclass
@@ -70,18 +84,19 @@ def toml_dump(doc: dict[str, Any], prefix: str = "") -> str:
 
 
 def config_doc(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca: Path) -> dict[str, Any]:
-    """The full pipeline: EdDSA JWTs, embedded Rego with the example bundle, audit to chDB,
-    TLS interception in forward mode with the upstream's private CA. Audit settings are the
-    gateway's defaults."""
+    """The full pipeline: EdDSA JWTs, embedded Rego with the example bundle (plus the bench
+    overlay's two bulk routes), audit to chDB, TLS interception in forward mode with the upstream's
+    private CA. Audit and redaction settings are the gateway's defaults."""
+    upstream = {"upstream": f"http://{upstream_http}"}
     return {
         "data_dir": str(workdir / "data"),
         "log_level": "warning",
         "listen": {"proxy": "127.0.0.1:0", "routes": "127.0.0.1:0", "admin": "127.0.0.1:0"},
         "identity": {"algorithms": ["EdDSA"], "issuer": ISSUER, "audience": AUDIENCE,
                      "public_key_files": [str(keys.public_file)], "dev_signing_key": False},
-        "policy": {"engine": "embedded", "dir": str(procs.ROOT / "policies"), "hot_reload": False},
+        "policy": {"engine": "embedded", "dir": str(policy_bundle(workdir / "policy")), "hot_reload": False},
         "proxy": {"upstream_ca_file": str(upstream_ca)},
-        "routes": {ROUTE: {"upstream": f"http://{upstream_http}"}},
+        "routes": {ROUTE: upstream, BULK_ROUTE: dict(upstream), BULK_REDACT_ROUTE: dict(upstream)},
     }
 
 
@@ -102,8 +117,8 @@ class GatewayProcess:
     def ca_file(self) -> Path:
         return self.data_dir / "ca" / "mitmproxy-ca-cert.pem"
 
-    def route_url(self, path: str) -> str:
-        return f"http://{self.routes}/r/{ROUTE}{path}"
+    def route_url(self, path: str, route: str = ROUTE) -> str:
+        return f"http://{self.routes}/r/{route}{path}"
 
     async def sql(self, session: aiohttp.ClientSession, query: str, timeout: float = 30.0) -> list[dict[str, Any]]:
         async with session.post(f"http://{self.admin}/v1/audit/sql", json={"sql": query},

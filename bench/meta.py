@@ -66,8 +66,9 @@ def describe(opts: Options, pinning: procs.Pinning, use_wrk: bool) -> dict[str, 
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in ("mitmproxy", "aiohttp", "regopy", "chdb", "pyjwt")},
         "wrk": _wrk_version(),
-        "load_generator": "wrk (direct, route, redact); built-in aiohttp generator (direct-tls, forward, mitm, "
-                          "audit-lag phase)" if use_wrk else "built-in aiohttp generator (wrk not used)",
+        "load_generator": ("wrk (direct, route, redact, small GETs of redact-large); built-in aiohttp generator "
+                           "(direct-tls, forward, mitm, audit-lag phase, large calls of redact-large)")
+                          if use_wrk else "built-in aiohttp generator (wrk not used)",
         "pinning": pinning.note,
         "options": options,
     }

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIGS = ("direct", "direct-tls", "route", "redact", "forward", "mitm", "lag")
+CONFIGS = ("direct", "direct-tls", "route", "redact", "redact-large", "forward", "mitm", "lag")
 """Configurations in run order (``--only`` picks among them)."""
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -31,6 +31,16 @@ class Options:
     leak_seconds: float = 3_600.0
     profile_seconds: float = 0.0
     keep: bool = False
+    large_bytes: int = 1_000_000
+    """redact-large: size of the JSON response (bytes)."""
+    large_requests: int = 30
+    """redact-large: sequential calls each, with and without redaction."""
+    large_seconds: float = 60.0
+    """redact-large: time bound of the sequential calls (both kinds together)."""
+    large_background: int = 2
+    """redact-large: large redacted calls kept running during the small-request phase."""
+    small_connections: int = 8
+    """redact-large: connections of the small GETs."""
 
     def apply_smoke(self) -> None:
         """A few hundred requests per configuration, each phase also cut at 1 s (the smoke run
@@ -43,6 +53,9 @@ class Options:
         self.leak = True
         self.leak_requests = min(self.leak_requests, 500)
         self.leak_seconds = min(self.leak_seconds, 2.0)
+        self.large_bytes = min(self.large_bytes, 100_000)  # still above the redactor's thread threshold
+        self.large_requests = min(self.large_requests, 3)
+        self.large_seconds = min(self.large_seconds, 5.0)
 
 
 def parse(argv: list[str] | None = None) -> Options:
@@ -69,6 +82,12 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="also profile the gateway in route mode under load with py-spy for SECONDS")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, chDB data)")
+    p.add_argument("--large-bytes", type=int, default=1_000_000,
+                   help="redact-large: size of the JSON response in bytes (default 1000000)")
+    p.add_argument("--large-requests", type=int, default=30,
+                   help="redact-large: sequential calls with and without redaction, each (default 30)")
+    p.add_argument("--small-connections", type=int, default=8,
+                   help="redact-large: connections of the small GETs (default 8)")
     a = p.parse_args(argv)
     only = tuple(c.strip() for c in a.only.split(",") if c.strip())
     unknown = [c for c in only if c not in CONFIGS]
@@ -76,11 +95,14 @@ def parse(argv: list[str] | None = None) -> Options:
         p.error(f"--only: unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     if a.duration <= 0 or a.connections < 1 or a.requests < 1 or a.leak_requests < 10 or a.lag_rate <= 0:
         p.error("--duration, --connections, --requests, --lag-rate must be positive; --leak-requests >= 10")
+    if not 1_000 <= a.large_bytes <= 16 << 20 or a.large_requests < 1 or a.small_connections < 1:
+        p.error("--large-bytes must be in 1000..16777216; --large-requests, --small-connections positive")
     opts = Options(duration=a.duration, connections=a.connections, requests=a.requests,
                    only=tuple(c for c in CONFIGS if c in only), smoke=a.smoke, generator=a.generator,
                    pin=a.pin, out=a.out, lag_rate=a.lag_rate, lag_seconds=a.lag_seconds, leak=a.leak,
                    leak_requests=a.leak_requests, leak_seconds=a.leak_seconds, profile_seconds=a.profile,
-                   keep=a.keep, leak_only=a.leak and not a.smoke)
+                   keep=a.keep, leak_only=a.leak and not a.smoke, large_bytes=a.large_bytes,
+                   large_requests=a.large_requests, small_connections=a.small_connections)
     if opts.smoke:
         opts.apply_smoke()
     return opts

@@ -83,6 +83,9 @@ def problems(report: dict[str, Any], only: tuple[str, ...], leak: bool, leak_onl
     """Why the run did not produce numbers for everything it was asked for (empty: it did)."""
     found: list[str] = []
     for config in () if leak_only else only:
+        if config == "redact-large":
+            found += _large_problems(report.get("redact_large"))
+            continue
         if config == "lag":
             lag = report.get("lag")
             if not lag or not lag.get("visible") or lag.get("load", {}).get("requests", 0) == 0:
@@ -101,6 +104,18 @@ def problems(report: dict[str, Any], only: tuple[str, ...], leak: bool, leak_onl
         found.append("leak: no numbers")
     found += [f"{e['what']}: {e['error']}" for e in report.get("errors", [])]
     return found
+
+
+def _large_problems(rl: dict[str, Any] | None) -> list[str]:
+    if not rl:
+        return ["redact-large: no numbers"]
+    if rl.get("error"):
+        return [f"redact-large: {rl['error']}"]
+    values = [_get(rl, "plain", "p50_us"), _get(rl, "redacted", "p50_us"),
+              _get(rl, "small_alone", "load", "p99_us"), _get(rl, "small_during", "load", "p99_us")]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return ["redact-large: some latencies are missing"]
+    return []
 
 
 def _ms(us: float | None) -> str:
@@ -183,6 +198,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"Ticket retrieval through route `demo`: HTTP {red['status']}, redaction applied: "
                 f"{'yes' if red['redaction_applied'] else 'no (the customer email reached the agent)'}; "
                 f"audited reasons: {reasons or '–'}.", ""]
+    if report.get("redact_large"):
+        out += large_section(report["redact_large"])
     if report.get("leak"):
         lk = report["leak"]
         out += ["## Leak check", "",
@@ -199,6 +216,48 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("problems"):
         out += ["## Problems", ""] + [f"- {p}" for p in report["problems"]] + [""]
     return "\n".join(out)
+
+
+def large_section(rl: dict[str, Any]) -> list[str]:
+    """Markdown of the ``redact-large`` configuration."""
+    out = ["## Redaction of a large response", ""]
+    if "redacted" not in rl:
+        return out + [f"No numbers: {rl.get('error') or 'the phase did not finish'}.", ""]
+    probe, plain, red = rl["probe"], rl["plain"], rl["redacted"]
+    counts = (probe.get("audit_redacted") or {}).get("redaction_counts") or {}
+    out += [f"{rl['body_bytes']:,} bytes of JSON ({probe['plain'].get('records', '?')} ticket records with emails, "
+            "phones, card numbers, IBANs, SSNs, bearer tokens, AWS keys, JWTs, IPs) from the same upstream path "
+            "through two routes of the same gateway: `bulk` (no redaction) and `bulk-redact` (JSONPath fields + "
+            "`detectors: [\"all\"]`, bench/policy/bulk.rego). Sequential, one keep-alive connection, the two "
+            "alternating.", "",
+            "| call | n | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
+    for name, r in (("without redaction", plain), ("with redaction", red)):
+        out.append(f"| {name} | {r['requests']} | {_ms(r['p50_us'])} | {_ms(r['p99_us'])} | {_ms(r['max_us'])} |")
+    added = rl["added_ms"]
+    out += [f"| added by redaction | | {_num(added['p50'], '{:.2f}')} | {_num(added['p99'], '{:.2f}')} | |", "",
+            f"Redaction throughput: **{_num(rl['mb_per_s'], '{:.2f}')} MB/s** (body size over the added p50; "
+            f"MB = 10^6 bytes). Redactions on one call (audit): "
+            f"{', '.join(f'{k} {v:,}' for k, v in sorted(counts.items())) or '–'}; "
+            f"{probe['redacted']['bytes']:,} bytes after redaction.", ""]
+    alone, during, bg = rl["small_alone"], rl["small_during"], rl["background"]
+    out += [f"| small GET `/r/demo/items/42`, {rl['small_connections']} connections ({rl['generator_small']}) "
+            "| req/s | p50 ms | p99 ms | max ms | decision p99 µs | gateway CPU | other load |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, r in (("alone", alone), (f"while {bg['clients']} large redacted calls run", during)):
+        lo = r["load"]
+        out.append(f"| {name} | {_num(lo['rps'])} | {_ms(lo['p50_us'])} | {_ms(lo['p99_us'])} | {_ms(lo['max_us'])} "
+                   f"| {_num(_get(r, 'audit', 'decision_p99_us'))} "
+                   f"| {_num(r.get('gateway_cpu_utilisation'), '{:.2f}')} "
+                   f"| {_num(r.get('foreign_load_cores'), '{:.2f}')} |")
+    out += [f"| ratio (while / alone) | | {_num(rl['small_p50_ratio'], '{:.2f}')} "
+            f"| **{_num(rl['small_p99_ratio'], '{:.2f}')}** | | | | |", "",
+            f"Background: {bg['overlapping']} large redacted calls overlapped the small-GET phase (at least one in "
+            f"flight {_num(None if bg['coverage'] is None else bg['coverage'] * 100, '{:.0f}')}% of it); "
+            f"{bg['completed']} ended in it, p50 {_num(bg['p50_ms'], '{:.1f}')} ms, "
+            f"{_num(bg['mb_per_s'], '{:.2f}')} MB/s redacted. Decision p99 is the audit column `decision_us`, "
+            "which includes waiting for the gateway's event loop. The redactions and the small GETs share the "
+            "gateway's core(s) (see Pinning): some slowdown is their fair share of CPU, the rest is waiting.", ""]
+    return out
 
 
 def write(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

@@ -15,15 +15,16 @@ from typing import Any
 import aiohttp
 
 from bench import loadgen, meta, procs, wrk
-from bench.gateway import GatewayProcess, Keys, start_gateway
+from bench.gateway import BULK_REDACT_ROUTE, BULK_ROUTE, GatewayProcess, Keys, start_gateway
 from bench.lag import audit_lag
 from bench.leak import leak_check
 from bench.options import Options
 from bench.phases import Env, Scenario, measure, with_ratio
 from bench.profile import profile_gateway
-from bench.workloads import GET, POST, TICKET, TICKET_EMAIL
+from bench.redact_large import LargeScenarios, measure_large
+from bench.workloads import GET, POST, TICKET, TICKET_EMAIL, Workload, bulk_path
 
-GATEWAY_CONFIGS = {"route", "redact", "forward", "lag"}
+GATEWAY_CONFIGS = {"route", "redact", "redact-large", "forward", "lag"}
 
 
 class Upstream:
@@ -47,7 +48,7 @@ class Run:
         self.upstream: Upstream | None = None
         self.mitm: procs.Child | None = None
         self.report: dict[str, Any] = {"results": [], "lag": None, "leak": None, "profile": None,
-                                       "redaction": None, "errors": []}
+                                       "redaction": None, "redact_large": None, "errors": []}
 
     def use_wrk(self) -> bool:
         if self.opts.generator == "builtin":
@@ -87,6 +88,16 @@ class Run:
                              ssl=_trust(gw.ca_file), pid=gw.pid, audited=True, baseline="direct-tls",
                              wrk_ok=False) for w in (GET, POST)]
         raise ValueError(config)
+
+    def large_scenarios(self, gw: GatewayProcess) -> LargeScenarios:
+        """The large document without and with redaction (same upstream path, two routes), and
+        the small route GET."""
+        auth = {"Authorization": f"Bearer {self.agent_token}"}
+        bulk = Workload("bulk", "GET", bulk_path(self.opts.large_bytes))
+        plain, redacted = (Scenario("redact-large", bulk, gw.route_url(bulk.path, route), headers=auth,
+                                    pid=gw.pid, audited=True) for route in (BULK_ROUTE, BULK_REDACT_ROUTE))
+        small = Scenario("redact-large", GET, gw.route_url(GET.path), headers=auth, pid=gw.pid, audited=True)
+        return LargeScenarios(plain=plain, redacted=redacted, small=small)
 
     # -- the run -----------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -151,6 +162,9 @@ class Run:
         if config == "lag":
             await self._guard("lag", lambda: self._lag(env, gw))
             return
+        if config == "redact-large":
+            await self._guard("redact-large", lambda: self._redact_large(env, gw))
+            return
         if config == "mitm":
             await self._guard("mitm start", self._start_mitm)
             if self.mitm is None:
@@ -202,6 +216,19 @@ class Run:
         print(f"bench: audit lag at {lag['rate_achieved']} req/s: p50 {lag['lag_p50_ms']} ms, "
               f"max {lag['lag_max_ms']} ms ({lag['visible']}/{lag['samples']} samples)", flush=True)
 
+    async def _redact_large(self, env: Env, gw: GatewayProcess | None) -> None:
+        assert gw is not None
+        t0 = time.monotonic()
+        self.report["redact_large"] = r = await measure_large(env, self.large_scenarios(gw))
+        if "small_during" in r:
+            print(f"bench: redact-large: {r['body_bytes']:,} bytes: p50 {_ms(r['plain']['p50_us'])} ms plain, "
+                  f"{_ms(r['redacted']['p50_us'])} ms redacted ({r['mb_per_s']} MB/s); small GET p99 "
+                  f"{_ms(r['small_alone']['load']['p99_us'])} ms alone, {_ms(r['small_during']['load']['p99_us'])} "
+                  f"ms during large redactions (×{r['small_p99_ratio']}) [{time.monotonic() - t0:.1f}s]"
+                  f"{' ERROR: ' + r['error'] if r.get('error') else ''}", flush=True)
+        else:
+            print(f"bench: redact-large: no numbers: {r.get('error')}", flush=True)
+
     async def _leak(self, env: Env, gw: GatewayProcess | None) -> None:
         assert gw is not None
         self.report["leak"] = leak = await leak_check(env, self.scenarios("route", gw)[0])
@@ -212,6 +239,10 @@ class Run:
         assert gw is not None
         self.report["profile"] = await profile_gateway(env, self.scenarios("route", gw)[0],
                                                        self.opts.profile_seconds)
+
+
+def _ms(us: float | None) -> str:
+    return "?" if us is None else f"{us / 1000:.1f}"
 
 
 def _progress(r: dict[str, Any], elapsed: float) -> None:

@@ -45,9 +45,33 @@ def bulk_path(size: int) -> str:
     return f"/bulk/{size}"
 
 
+_JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjdXN0b21lciJ9.c2lnbmF0dXJlLW5vdC1yZWFsLWF0LWFsbA"
+
+
+def _bulk_description(i: int, n: int, email: str) -> str:
+    """Ticket prose; sensitive values at different rates, every detector's kind somewhere."""
+    parts = [f"Hi, I was charged twice for order {40000 + n} and the invoice total is wrong since the last "
+             f"update. Please look into it before the end of the week, thanks."]
+    if i % 2 == 0:
+        parts.append(f"You can reach me at {email}.")
+    if i % 3 == 0:
+        parts.append(f"Call me on (415) 555-{n % 10000:04d} after 5pm.")
+    if i % 5 == 0:
+        parts.append("Refund to card 4111 1111 1111 1111 please.")
+    if i % 7 == 0:
+        parts.append(f"My SSN is {500 + n % 100}-{10 + n % 80:02d}-{1000 + n % 9000:04d} if you need it.")
+    if i % 9 == 0:
+        parts.append("Or wire it to IBAN DE89 3704 0044 0532 0130 00.")
+    if i % 10 == 0:
+        parts.append(f"The app log said Authorization: Bearer sk_live_{n:024d} from 10.0.{i % 256}.7.")
+    if i % 20 == 0:
+        parts.append(f"Leaked in a screenshot: AKIA{n:016d} and {_JWT}.")
+    return " ".join(parts)
+
+
 def bulk_document(size: int) -> bytes:
     """A JSON document of about ``size`` bytes (at least one record): ticket-like records with
-    contact details, payment data and secrets in fields and in free text, the same every time."""
+    contact and payment details in fields, and PII and secrets in their prose; the same every time."""
     records: list[dict[str, object]] = []
     total = 14  # {"records":[]}
     i = 0
@@ -60,9 +84,7 @@ def bulk_document(size: int) -> bytes:
             "subject": f"Refund for order {40000 + n}",
             "requester": {"name": f"Customer {n}", "email": email, "phone": f"+1 415 555 {n % 10000:04d}"},
             "payment": {"card_number": "4111 1111 1111 1111", "iban": "DE89 3704 0044 0532 0130 00"},
-            "description": (f"Hi, I was charged twice. Call me on (415) 555-{n % 10000:04d} or write to "
-                            f"{email}; my SSN is 078-05-1120 if you need it. The app logs said "
-                            f"Authorization: Bearer sk_live_{n:024d} and came from 10.0.{i % 256}.7."),
+            "description": _bulk_description(i, n, email),
             "tags": ["billing", "refund", "vip" if i % 7 == 0 else "standard"],
         }
         records.append(record)

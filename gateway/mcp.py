@@ -176,12 +176,32 @@ def as_message(value: Any, *, batch: bool = False) -> RpcMessage | None:
     return None
 
 
+class _Ambiguous(ValueError):
+    """A JSON object naming a member twice: parsers disagree on which one counts."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise _Ambiguous
+    return doc
+
+
+AMBIGUOUS = object()
+"""What :func:`_load_json` returns for a body with duplicate member names."""
+
+
 def _load_json(body: bytes, limit: int) -> Any:
-    """The parsed body when it may be JSON-RPC (an object or array within ``limit``), else None."""
-    if not body or len(body) > limit or body.lstrip()[:1] not in (b"{", b"[") or b"jsonrpc" not in body:
-        return None  # the substring test spares a JSON parse for every other JSON body
+    """The parsed body when it may be JSON-RPC (an object or array within ``limit``), else None;
+    :data:`AMBIGUOUS` when an object in it names a member twice."""
+    if not body or len(body) > limit or body.lstrip()[:1] not in (b"{", b"["):
+        return None
+    if b"jsonrpc" not in body and b"\\u" not in body:
+        return None  # spares a parse for other JSON bodies (an escaped key still gets one)
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_unique_members)
+    except _Ambiguous:
+        return AMBIGUOUS
     except (ValueError, RecursionError):
         return None
 
@@ -216,6 +236,9 @@ def classify(call: Call, limit: int) -> None:
     Raises BadRequest when ``Mcp-Method``/``Mcp-Name`` headers contradict the body."""
     req = call.request
     value = _load_json(req.body, limit)
+    if value is AMBIGUOUS:
+        raise BadRequest("the JSON body names a member twice; servers may read it differently than "
+                         "the gateway", code="ambiguous_json")
     in_batch = call.rpc is not None and call.rpc.batch  # set by run_batch on its element calls
     msg = as_message(value, batch=in_batch) if isinstance(value, dict) else None
     if msg is None:
@@ -224,6 +247,8 @@ def classify(call: Call, limit: int) -> None:
         msg = RpcMessage(None)
     _mark(call, msg)
     check_headers(call)
+    if msg.method in WITH_ARGUMENTS and not isinstance(call.tool_input["arguments"], dict):  # type: ignore[index]
+        raise BadRequest(f"{msg.method} arguments must be an object", code="invalid_mcp_params")
 
 
 def _server(call: Call) -> str:
@@ -295,7 +320,7 @@ def batch_of(call: Call, limit: int) -> list[Any] | None:
     body = call.request.body
     if body.lstrip()[:1] != b"[":
         return None
-    value = _load_json(body, limit)
+    value = _load_json(body, limit)  # an ambiguous batch is left to classify(), which refuses it
     if not isinstance(value, list) or not value:
         return None
     if all(isinstance(v, dict) and v.get("jsonrpc") == "2.0" for v in value):

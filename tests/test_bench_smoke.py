@@ -84,3 +84,35 @@ def test_lag_leak_redaction_and_targets_reported(smoke: tuple[dict[str, Any], st
     assert "| configuration | workload |" in md and "## Targets" in md
     for config, workload in EXPECTED:
         assert f"| {config} | {workload} |" in md
+
+
+@pytest.mark.timeout(120)
+def test_large_redaction_measured(smoke: tuple[dict[str, Any], str]) -> None:
+    """redact-large: one gateway, the same document redacted and not, and small GETs alone and
+    while large redactions run."""
+    report, md = smoke
+    rl = report["redact_large"]
+    assert "error" not in rl, rl.get("error")
+    probe = rl["probe"]
+    assert probe["plain"]["status"] == probe["redacted"]["status"] == 200
+    assert probe["plain"]["email_in_body"] and not probe["redacted"]["email_in_body"]
+    counts = probe["audit_redacted"]["redaction_counts"]
+    assert counts.get("field", 0) > 0, counts  # JSONPath fields ...
+    assert {"email", "phone", "payment_card", "iban", "us_ssn", "bearer_token", "jwt", "aws_access_key",
+            "ip_address"} <= set(counts), counts  # ... and every detector
+    assert rl["body_bytes"] == probe["plain"]["bytes"] >= 1_000
+    for name in ("plain", "redacted"):
+        res = rl[name]
+        assert res["requests"] > 0 and res["errors"] == 0, (name, res)
+        assert _number(res["p50_us"]) and 0 < res["p50_us"] <= res["p99_us"], (name, res)
+    assert _number(rl["added_ms"]["p50"]) and _number(rl["added_ms"]["p99"])
+    assert rl["mb_per_s"] is None or rl["mb_per_s"] > 0  # None only when redaction added nothing measurable
+    for name in ("small_alone", "small_during"):
+        res = rl[name]["load"]
+        assert res["connections"] == 8 and res["requests"] > 0 and res["errors"] == 0, (name, res)
+        assert _number(res["p99_us"]) and res["p99_us"] > 0, (name, res)
+        assert rl[name]["audit"]["rows"] >= res["requests"], (name, rl[name]["audit"])
+    assert _number(rl["small_p99_ratio"]) and rl["small_p99_ratio"] > 0
+    bg = rl["background"]
+    assert bg["errors"] == 0 and bg["overlapping"] >= 1 and bg["coverage"] > 0, bg
+    assert "## Redaction of a large response" in md and "| ratio (while / alone) |" in md

@@ -277,6 +277,17 @@ def test_refusals_outside_json_rpc_stay_http(gw: Gateway, keys: Keys, server: Mc
     note = http("POST", url, headers={**headers, "Authorization": f"Bearer {keys.token('s', roles=['sales'])}"},
                 body=b'{"jsonrpc": "2.0", "method": "notifications/initialized"}')
     assert note.status == 403 and note.json()["error"]["code"] == "policy_denied"  # no id to answer
+    agent = {**headers, "Authorization": f"Bearer {support(keys)}"}
+    twice = http("POST", url, headers=agent, body=b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list", '
+                                                   b'"method": "tools/call", "params": {"name": "delete_customer"}}')
+    assert twice.status == 400 and twice.json()["error"]["code"] == "ambiguous_json"
+    listed = http("POST", url, headers=agent, body=json.dumps(
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_ticket", "arguments": [1001]}}).encode())
+    assert listed.status == 400 and listed.json()["error"]["code"] == "invalid_mcp_params"
+    # Escaped member names are still JSON-RPC to the gateway (as to the server): judged as a tool call.
+    escaped = http("POST", url, headers=agent, body=b'{"\\u006asonrpc": "2.0", "id": 3, "method": "tools\\u002fcall", '
+                                                     b'"params": {"name": "delete_customer", "arguments": {}}}')
+    assert escaped.status == 200 and escaped.json()["error"]["code"] == DENIED, escaped.body
     assert len(server.http_requests()) == before
 
 
