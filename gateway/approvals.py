@@ -37,13 +37,22 @@ PENDING, APPROVED, DENIED, CONSUMED = "pending", "approved", "denied", "consumed
 
 
 def request_hash(call: Call) -> str:
-    """Binds an approval to the exact request: agent, method, canonical URL and body."""
+    """Binds an approval to the exact request: agent, method, canonical URL and body.
+
+    An MCP ``tools/call`` is bound to its tool and arguments instead of the raw body: MCP
+    clients send a new JSON-RPC id with every retry, and the id is not what a person approved.
+    """
     req = call.request
     ident = call.identity
     assert ident is not None
     url = f"{req.scheme}://{call.canonical_host}:{req.port}{call.canonical_path}?{req.query}"
-    doc = json.dumps([ident.agent_id, req.route or "", req.method, url,
-                      hashlib.sha256(req.body).hexdigest()], separators=(",", ":"))
+    tool = call.tool_input or {}
+    if call.rpc_method == "tools/call" and "name" in tool:
+        what = json.dumps(["mcp", tool.get("server"), tool.get("name"), tool.get("arguments")],
+                          sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    else:
+        what = hashlib.sha256(req.body).hexdigest()
+    doc = json.dumps([ident.agent_id, req.route or "", req.method, url, what], separators=(",", ":"))
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
