@@ -27,9 +27,9 @@ Refusals after identity (:func:`refusal`) are JSON-RPC errors: HTTP 200, applica
     malformed element -32600, internal error -32603, any other refusal -32000
 
 Identity failures stay HTTP 401/407; a refused notification (no id) gets the usual 403 JSON.
-Approval holds work as for any request; note that an approval is bound to the exact body
-(gateway/approvals.py), JSON-RPC id included, so a retry after the hold timed out passes only
-if the client resends the same id (approving while the call is held always works).
+Approval holds work as for any request; an approval of a ``tools/call`` is bound to the agent,
+server, tool and arguments (gateway/approvals.py), not the JSON-RPC id, so a client's retry with
+a new id after the hold timed out passes once approved.
 
 Answers (:class:`ReplyHandler`): ``tools/list``, ``resources/list`` and ``prompts/list`` are
 read whole (JSON or SSE, decoded if compressed) and every listed item is judged like a call to
