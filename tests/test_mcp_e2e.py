@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from gateway import mcp
 from tests.conftest import ROOT, Gateway, Keys, http, wait_until
 from tests.mcp_harness.env import mcp_python
-from tests.mcp_harness.harness import McpServer, run_mcp_client, run_mcp_raw, start_mcp_server, step_ok
+from tests.mcp_harness.harness import (McpServer, run_mcp_client, run_mcp_raw, start_mcp_server,
+                                       start_tls_mcp_server, step_ok)
 
 POLICIES = ROOT / "policies"
 ROUTE = "support-mcp"
@@ -42,15 +42,9 @@ def server(mcp_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="module")
 def tls_server(mcp_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[McpServer, Path]]:
-    d = tmp_path_factory.mktemp("mcp-tls")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    srv = start_mcp_server(d / "srv", response="sse", certfile=d / "cert.pem", keyfile=d / "key.pem")
-    yield srv, d / "ca.pem"
-    srv.stop()
+    server, ca_file = start_tls_mcp_server(tmp_path_factory.mktemp("mcp-tls"))
+    yield server, ca_file
+    server.stop()
 
 
 @pytest.fixture(scope="module")

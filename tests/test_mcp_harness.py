@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from tests.conftest import Gateway, Keys
 from tests.mcp_harness.env import mcp_python
-from tests.mcp_harness.harness import McpServer, run_mcp_client, run_mcp_raw, start_mcp_server, step_ok
+from tests.mcp_harness.harness import (McpServer, run_mcp_client, run_mcp_raw, start_mcp_server,
+                                       start_tls_mcp_server, step_ok)
 
 TOOLS = {"search_tickets", "get_ticket", "refund_order", "delete_customer"}
 EVERYTHING = [
@@ -141,17 +141,11 @@ def test_stateless_server_headers_and_bearer(mcp_venv: Path, tmp_path: Path) -> 
         server.stop()
 
 
-# -- through the gateway (plain HTTP forwarding; the gateway is not MCP-aware yet) -------------
+# -- through the gateway (an allow-all policy: the harness itself, not MCP policy, is under test) --
 @pytest.fixture(scope="module")
 def tls_server(mcp_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[McpServer, Path]]:
-    d = tmp_path_factory.mktemp("mcp-tls")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    server = start_mcp_server(d / "srv", response="sse", certfile=d / "cert.pem", keyfile=d / "key.pem")
-    yield server, d / "ca.pem"
+    server, ca_file = start_tls_mcp_server(tmp_path_factory.mktemp("mcp-tls"))
+    yield server, ca_file
     server.stop()
 
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from . import codec, formats
 from .fieldpaths import FieldMatcher
+from .offload import redact_in_process
 from .replace import Replacer, load_pseudonym_key
 from .report import RedactionReport
 from .scanner import TextScanner, normalize_detectors
@@ -91,12 +92,14 @@ class Plan:
 
     async def redact_body_async(self, body: bytes, *, content_type: str,
                                 content_encoding: str | None) -> tuple[bytes, RedactionReport]:
-        """``redact_body`` in a worker thread above ``thread_threshold_bytes``, inline below.
-
-        Compressed bodies always go to the thread: a few KiB may inflate to megabytes.
-        """
+        """``redact_body`` off the event loop: in a worker process from ``thread_threshold_bytes``
+        (pure-Python work in a thread would still hold the GIL and stall the loop), in a thread
+        for small compressed bodies (a few KiB may inflate to megabytes), inline otherwise."""
+        if len(body) >= self.settings.thread_threshold_bytes:
+            return await redact_in_process(self.settings, self.fields, self.detectors, body,
+                                           content_type, content_encoding)
         compressed = bool(content_encoding) and content_encoding.strip().lower() not in ("", "identity")
-        if len(body) >= self.settings.thread_threshold_bytes or (compressed and body):
+        if compressed and body:
             return await asyncio.to_thread(self.redact_body, body, content_type=content_type,
                                            content_encoding=content_encoding)
         return self.redact_body(body, content_type=content_type, content_encoding=content_encoding)

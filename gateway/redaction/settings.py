@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -28,6 +28,7 @@ class RedactionSettings(BaseModel):
     max_json_depth: int = Field(default=128, ge=1, le=512)
     """Bounded so the recursive walk stays far below Python's recursion limit."""
     thread_threshold_bytes: int = Field(default=64 * KIB, ge=0)
+    """Bodies from this size are redacted in a worker process, so the event loop stays free."""
     max_report_paths: int = Field(default=100, ge=0, le=10_000)
 
     @field_validator("phone_region")
@@ -59,6 +60,10 @@ class NotRedactable(Exception):
         self.code = code
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in the redaction worker process: arrive in the gateway with reason and code intact.
+        return (NotRedactable, (self.reason, self.detail), {"code": self.code})
 
 
 class UnknownDetector(ValueError):

@@ -159,3 +159,18 @@ def step_ok(doc: dict[str, Any], i: int) -> dict[str, Any]:
     step = doc["steps"][i]
     assert step["ok"], step
     return step["result"]
+
+
+def start_tls_mcp_server(directory: Path) -> tuple["McpServer", Path]:
+    """An SSE MCP server over HTTPS with its own CA (trustme); returns it and the CA file."""
+    import trustme
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(directory / "key.pem"))
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    server = start_mcp_server(directory / "srv", response="sse", certfile=directory / "cert.pem",
+                              keyfile=directory / "key.pem")
+    return server, directory / "ca.pem"
