@@ -25,6 +25,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+# The MCP SDK fixtures (mcp_venv, tls_server) for the MCP test modules.
+pytest_plugins = ["tests.mcp_harness.fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_BUNDLE = ROOT / "tests" / "policy_bundle"
 START_TIMEOUT = 60.0

@@ -16,9 +16,8 @@ import pytest
 
 from gateway import mcp
 from tests.conftest import ROOT, Gateway, Keys, http, wait_until
-from tests.mcp_harness.env import mcp_python
 from tests.mcp_harness.harness import (McpServer, run_mcp_client, run_mcp_raw, start_mcp_server,
-                                       start_tls_mcp_server, step_ok)
+                                       step_ok)
 
 POLICIES = ROOT / "policies"
 ROUTE = "support-mcp"
@@ -28,23 +27,11 @@ DENIED, APPROVAL_DENIED = -32001, -32004
 
 # -- fixtures ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def mcp_venv() -> Path:
-    return mcp_python()
-
-
-@pytest.fixture(scope="module")
 def server(mcp_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpServer]:
     """Answers POSTs with SSE (legacy protocol) or JSON (modern protocol)."""
     srv = start_mcp_server(tmp_path_factory.mktemp("mcp-sse"), response="sse")
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def tls_server(mcp_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[McpServer, Path]]:
-    server, ca_file = start_tls_mcp_server(tmp_path_factory.mktemp("mcp-tls"))
-    yield server, ca_file
-    server.stop()
 
 
 @pytest.fixture(scope="module")

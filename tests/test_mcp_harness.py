@@ -4,7 +4,6 @@ directly, then through the gateway (not MCP-aware yet: plain HTTP forwarding) as
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import Gateway, Keys
-from tests.mcp_harness.env import mcp_python
 from tests.mcp_harness.harness import (McpServer, run_mcp_client, run_mcp_raw, start_mcp_server,
-                                       start_tls_mcp_server, step_ok)
+                                       step_ok)
 
 TOOLS = {"search_tickets", "get_ticket", "refund_order", "delete_customer"}
 EVERYTHING = [
@@ -32,15 +30,6 @@ EVERYTHING = [
 PROTOCOL = {"legacy": "2025-11-25", "auto": "2026-07-28"}
 """What the SDK negotiates: ``legacy`` = initialize handshake with Mcp-Session-Id (and SSE when the
 server streams); ``auto`` = the 2026-07-28 single-exchange protocol (no session, JSON answers)."""
-
-
-@pytest.fixture(scope="module")
-def mcp_venv() -> Path:
-    """Built once per lock; a first build (~15 s here) is reported, cached ones take milliseconds."""
-    started = time.monotonic()
-    python = mcp_python()
-    print(f"\n.venv-mcp ready in {time.monotonic() - started:.1f}s")
-    return python
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +131,6 @@ def test_stateless_server_headers_and_bearer(mcp_venv: Path, tmp_path: Path) -> 
 
 
 # -- through the gateway (an allow-all policy: the harness itself, not MCP policy, is under test) --
-@pytest.fixture(scope="module")
-def tls_server(mcp_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[McpServer, Path]]:
-    server, ca_file = start_tls_mcp_server(tmp_path_factory.mktemp("mcp-tls"))
-    yield server, ca_file
-    server.stop()
-
-
 @pytest.fixture(scope="module")
 def gw(gateway_factory, servers: dict[str, McpServer], tls_server: tuple[McpServer, Path],
        tmp_path_factory: pytest.TempPathFactory) -> Gateway:

@@ -26,6 +26,7 @@ from gateway.redaction import (
     scrub_text,
     scrub_value,
 )
+from tests.codecs import DECODERS, ENCODERS
 
 KEY = "0123456789abcdef-pseudonym-test-key"
 JWT = pyjwt.encode({"sub": "agent-1", "team": "support"}, "k" * 32, algorithm="HS256")
@@ -432,18 +433,6 @@ def _raw_deflate(data: bytes) -> bytes:
     return c.compress(data) + c.flush()
 
 
-ENCODERS = {
-    "gzip": gzip.compress,
-    "deflate": zlib.compress,
-    "br": brotli.compress,
-    "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
-}
-DECODERS = {
-    "gzip": gzip.decompress,
-    "deflate": zlib.decompress,
-    "br": brotli.decompress,
-    "zstd": lambda d: zstandard.ZstdDecompressor().decompressobj().decompress(d),
-}
 
 
 @pytest.mark.parametrize("enc", sorted(ENCODERS))
@@ -635,36 +624,58 @@ def test_sse_event_too_large() -> None:
 
 
 # -- async ------------------------------------------------------------------------------------
-async def test_redact_body_async_uses_a_thread_above_the_threshold() -> None:
+async def _redact_counting_loop_ticks(plan: Any, body: bytes) -> tuple[int, bytes, RedactionReport]:
+    """Redact ``body`` with ``redact_body_async`` while counting event-loop turns."""
+    done = threading.Event()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    try:
+        out, report = await plan.redact_body_async(body, content_type="application/json", content_encoding=None)
+    finally:
+        done.set()
+        await task
+    return ticks, out, report
+
+
+async def test_redact_body_async_goes_off_the_loop_above_the_threshold() -> None:
     plan = Redactor(RedactionSettings(thread_threshold_bytes=64 << 10)).plan(["$..ssn"], ["all"])
     big = json.dumps([{"ssn": "1", "note": f"mail u{i}@example.com or call (415) 555-{i % 10000:04d}"}
                       for i in range(3000)]).encode()
     small = b'{"ssn": "1", "e": "a@example.com"}'
 
-    async def run(body: bytes) -> tuple[int, bytes]:
-        done = threading.Event()
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while not done.is_set():
-                ticks += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.create_task(ticker())
-        try:
-            out, _ = await plan.redact_body_async(body, content_type="application/json", content_encoding=None)
-        finally:
-            done.set()
-            await task
-        return ticks, out
-
-    ticks_big, out_big = await run(big)
-    assert ticks_big > 0  # the event loop kept running while the worker thread redacted
+    ticks_big, out_big, _ = await _redact_counting_loop_ticks(plan, big)
+    assert ticks_big > 0  # the event loop kept running while the worker process redacted
     assert out_big == plan.redact_body(big, content_type="application/json", content_encoding=None)[0]
-    ticks_small, out_small = await run(small)
-    assert ticks_small == 0  # below the threshold: inline, no thread hop
+    ticks_small, out_small, _ = await _redact_counting_loop_ticks(plan, small)
+    assert ticks_small == 0  # below the threshold: inline, no hop off the loop
     assert json.loads(out_small) == {"ssn": "[REDACTED:field]", "e": "[REDACTED:email]"}
+
+
+async def test_large_body_is_redacted_in_a_worker_process() -> None:
+    plan = Redactor(RedactionSettings(thread_threshold_bytes=1024)).plan(["$.rows[0].id"], ["email"])
+    assert plan is not None
+    email = "ada@example.com"
+    body = json.dumps({"rows": [{"id": i, "email": email, "note": "x" * 40} for i in range(4000)]}).encode()
+    ticks, out, report = await _redact_counting_loop_ticks(plan, body)
+    doc = json.loads(out)
+    assert email.encode() not in out and doc["rows"][0]["id"] == "[REDACTED:field]"
+    assert report.counts == {"field": 1, "email": 4000}
+    assert ticks > 10, "the event loop must keep running while a large body is redacted"
+
+
+async def test_worker_errors_fail_closed_with_their_reason() -> None:
+    plan = Redactor(RedactionSettings(thread_threshold_bytes=16)).plan([], ["email"])
+    assert plan is not None
+    with pytest.raises(NotRedactable) as err:
+        await plan.redact_body_async(b"\x89PNG" + b"\0" * 64, content_type="image/png", content_encoding=None)
+    assert err.value.reason == "unsupported_content_type" and err.value.code == "response_not_redactable"
 
 
 # -- audit hygiene ----------------------------------------------------------------------------

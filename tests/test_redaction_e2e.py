@@ -7,18 +7,16 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 from pathlib import Path
 from urllib.parse import urlencode
 
-import brotli
 import pytest
-import zstandard
 from aiohttp import web
 
 from tests.conftest import Gateway, Keys, Upstream, http, start_upstream
+from tests.codecs import DECODERS, ENCODERS
 
 CALL_ID = "x-agentgate-call-id"
 EMAIL = "ada.lovelace@example.com"
@@ -33,18 +31,6 @@ TICKET = {"ticket": {"id": 7, "order": ORDER_ID, "subject": f"Customer {EMAIL} c
                      "requester": {"email": EMAIL, "phone": PHONE}},
           "customer": {"ssn": SSN, "card": CARD, "note": "card ends 1111"},
           "debug": {"aws": AWS_KEY, "secret_field": "top-secret-value"}}
-ENCODERS = {
-    "gzip": gzip.compress,
-    "deflate": zlib.compress,
-    "br": brotli.compress,
-    "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
-}
-DECODERS = {
-    "gzip": gzip.decompress,
-    "deflate": zlib.decompress,
-    "br": brotli.decompress,
-    "zstd": lambda b: zstandard.ZstdDecompressor().decompress(b, max_output_size=1 << 26),
-}
 
 
 def body_for(kind: str) -> tuple[bytes, str]:

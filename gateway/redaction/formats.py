@@ -69,27 +69,36 @@ def dump_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _redact_json_bytes(plan: Plan, raw: bytes, enc: str, report: RedactionReport, where: str,
+                       prefix: str = "") -> bytes | None:
+    """One JSON document (a body or an NDJSON line): redacted bytes, or None if unchanged.
+
+    A document that does not parse is redacted as text by the detectors, unless field paths
+    are asked for: those cannot be applied, so it is refused.
+    """
+    try:
+        text = raw.decode(enc)
+    except UnicodeDecodeError:
+        raise NotRedactable("invalid_utf8" if enc == "utf-8" else "undecodable",
+                            f"{where} is not valid {enc}") from None
+    try:
+        value = parse_json_text(text)
+    except ValueError:
+        if plan.fields:
+            raise NotRedactable("invalid_json", f"{where} does not parse; field paths cannot be applied") from None
+        new_text = plan.redact_text(text, report)
+        return None if new_text is None else new_text.encode(enc, "surrogatepass")
+    new = plan.walk(value, report, prefix=prefix)
+    return None if new is value else _encode_json(new, enc)
+
+
 def redact_json(plan: Plan, data: bytes, charset: str | None, report: RedactionReport) -> bytes | None:
     enc = _decoder_for(charset)
     bom = b""
     if enc == "utf-8" and data.startswith(codecs.BOM_UTF8):
         bom, data = codecs.BOM_UTF8, data[3:]
-    try:
-        text = data.decode(enc)
-    except UnicodeDecodeError:
-        raise NotRedactable("invalid_utf8" if enc == "utf-8" else "undecodable",
-                            f"JSON body is not valid {enc}") from None
-    try:
-        value = parse_json_text(text)
-    except ValueError:
-        if plan.fields:
-            raise NotRedactable("invalid_json", "JSON body does not parse; field paths cannot be applied") from None
-        new_text = plan.redact_text(text, report)
-        return None if new_text is None else bom + new_text.encode(enc, "surrogatepass")
-    new = plan.walk(value, report)
-    if new is value:
-        return None
-    return bom + _encode_json(new, enc)
+    new = _redact_json_bytes(plan, data, enc, report, "JSON body")
+    return None if new is None else bom + new
 
 
 def _encode_json(value: Any, enc: str) -> bytes:
@@ -107,24 +116,9 @@ def redact_ndjson(plan: Plan, data: bytes, charset: str | None, report: Redactio
         body, cr = (line[:-1], b"\r") if line.endswith(b"\r") else (line, b"")
         if not body.strip():
             continue
-        try:
-            text = body.decode(enc)
-        except UnicodeDecodeError:
-            raise NotRedactable("invalid_utf8" if enc == "utf-8" else "undecodable",
-                                f"NDJSON line {i} is not valid {enc}") from None
-        try:
-            value = parse_json_text(text)
-        except ValueError:
-            if plan.fields:
-                raise NotRedactable("invalid_json", f"NDJSON line {i} does not parse") from None
-            new_text = plan.redact_text(text, report)
-            if new_text is not None:
-                lines[i] = new_text.encode(enc, "surrogatepass") + cr
-                changed = True
-            continue
-        new = plan.walk(value, report, prefix=f"line[{i}]:")
-        if new is not value:
-            lines[i] = _encode_json(new, enc) + cr
+        new = _redact_json_bytes(plan, body, enc, report, f"NDJSON line {i}", prefix=f"line[{i}]:")
+        if new is not None:
+            lines[i] = new + cr
             changed = True
     return b"\n".join(lines) if changed else None
 
