@@ -4,8 +4,9 @@
 
 Front ends translate their own request/response objects and call, in this order:
 
-* ``admit(call, credential)``: identity, kill-switch, policy (which also compiles the
-  response redaction the decision asks for), approval; raises :class:`GatewayError` to refuse;
+* ``admit(call, credential)``: identity (then MCP recognition), kill-switch, policy (which also
+  compiles the response redaction the decision asks for), approval, and the write-ahead audit
+  record that must be durable before anything goes upstream; raises :class:`GatewayError` to refuse;
 * the upstream exchange: ``run()`` does it for the route front end with :class:`Upstream`;
   the forward proxy lets mitmproxy do it (that is what TLS interception is for);
 * ``redact(call, body, ...)`` on buffered responses, or ``call.redaction.sse()`` event by event
@@ -15,7 +16,6 @@ Front ends translate their own request/response objects and call, in this order:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -24,11 +24,11 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from gateway import mcp
+from gateway.approvals import Approvals
 from gateway.canonical import canonical_host, canonical_path, canonical_port
 from gateway.config import Config
 from gateway.errors import BadRequest, Forbidden, GatewayError, Unauthenticated
-from gateway import mcp
-from gateway.approvals import Approvals
 from gateway.identity import IdentityError, JwtVerifier, extract_bearer
 from gateway.killswitch import KillSwitches
 from gateway.metrics import Metrics
@@ -80,7 +80,7 @@ class Pipeline:
     # -- the order -------------------------------------------------------------------
     async def admit(self, call: Call, *, credential: str | None = None,
                     identity: Identity | None = None) -> None:
-        """identity → kill-switch → policy → approval; raises GatewayError to refuse."""
+        """identity → kill-switch → policy → approval → write-ahead record; raises GatewayError."""
         call.trace_id = call.trace_id or trace_id_for(call.request)  # batch elements share one
         call.request_bytes = len(call.request.body)
         call.identity = await self.authenticate(call.request.mode, credential, identity)
@@ -246,9 +246,9 @@ class Pipeline:
         return self.cfg.routes[route].unredactable if route is not None else self.cfg.proxy.unredactable
 
     def record_redaction(self, call: Call, report: RedactionReport) -> None:
-        for path in report.paths:
-            if len(call.redacted_paths) < 100:
-                call.redacted_paths.append(path)
+        """Add a report (one body, or one stream's events) to the call's audited paths and counts."""
+        room = self.cfg.redaction.max_report_paths - len(call.redacted_paths)
+        call.redacted_paths.extend(report.paths[:max(room, 0)])
         for kind, n in report.counts.items():
             call.redaction_counts[kind] = call.redaction_counts.get(kind, 0) + n
 
@@ -278,8 +278,6 @@ class Pipeline:
 
 
 def _describe_policy_failure(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "policy engine timed out"
     if isinstance(exc, ValidationError):
         fields = ", ".join(".".join(str(p) for p in e["loc"]) or "(root)" for e in exc.errors())
         return f"decision does not match the contract ({fields})"
