@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -108,6 +109,8 @@ class GatewayProcess:
     routes: str
     admin: str
     admin_token: str
+    store_pid: int | None = None
+    """The embedded-ClickHouse (chDB) child process, if any."""
 
     @property
     def pid(self) -> int:
@@ -135,7 +138,9 @@ class GatewayProcess:
 
 
 def start_gateway(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca: Path,
-                  cpus: set[int] | None) -> GatewayProcess:
+                  cpus: set[int] | None, store_cpus: set[int] | None) -> GatewayProcess:
+    """Start the gateway on ``cpus``; its store process (chDB), like a ClickHouse server would
+    be, goes to ``store_cpus``."""
     workdir.mkdir(parents=True, exist_ok=True)
     doc = config_doc(workdir, keys, upstream_http=upstream_http, upstream_ca=upstream_ca)
     config = workdir / "agentgate.toml"
@@ -143,6 +148,9 @@ def start_gateway(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca:
     child = procs.start("gateway", [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
                         ready_prefix="agentgate listening:", log=workdir / "gateway.log", cpus=cpus)
     parts = dict(p.split("=", 1) for p in child.ready_line.split(":", 1)[1].split())
+    store_pid = procs.store_process(child.pid)
+    if store_pid is not None and store_cpus:
+        os.sched_setaffinity(store_pid, store_cpus)
     return GatewayProcess(child=child, data_dir=Path(doc["data_dir"]), proxy=parts["proxy"],
                           routes=parts["routes"], admin=parts["admin"],
-                          admin_token=keys.token("bench-responder", ["responder"]))
+                          admin_token=keys.token("bench-responder", ["responder"]), store_pid=store_pid)

@@ -41,6 +41,8 @@ class Scenario:
     ssl: ssl.SSLContext | None = None
     pid: int | None = None
     """Process under test (CPU time and RSS), if any."""
+    store_pid: int | None = None
+    """The gateway's store process (embedded ClickHouse): its CPU and RSS are reported apart."""
     audited: bool = False
     """Calls leave audit rows (decision latency comes from them)."""
     baseline: str | None = None
@@ -107,6 +109,7 @@ async def measure(env: Env, scenario: Scenario) -> dict[str, Any]:
     # Loaded phase: CPU time is read after the audit query, which first flushes the phase's rows,
     # so the audit inserts are part of the cost per request.
     cpu0 = procs.cpu_seconds(scenario.pid) if scenario.pid else None
+    store_cpu0 = procs.cpu_seconds(scenario.store_pid) if scenario.store_pid else None
     foreign = procs.ForeignLoad()
     loaded = await run_phase(env, scenario, connections=conns, requests=opts.requests,
                              seconds=opts.duration, trace=trace_id(scenario, f"c{conns}"))
@@ -119,6 +122,9 @@ async def measure(env: Env, scenario: Scenario) -> dict[str, Any]:
         served = out.get("audit_loaded", {}).get("rows") or loaded.requests
         out["cpu_us_per_request"] = round(cpu / served * 1e6, 1) if served else None
         out["cpu_utilisation"] = round(cpu / loaded.duration_s, 3) if loaded.duration_s else None
+        if scenario.store_pid and store_cpu0 is not None and served:
+            store_cpu = procs.cpu_seconds(scenario.store_pid) - store_cpu0
+            out["store_cpu_us_per_request"] = round(store_cpu / served * 1e6, 1)
     foreign = procs.ForeignLoad()
     single = await run_phase(env, scenario, connections=1, requests=opts.requests,
                              seconds=opts.duration, trace=trace_id(scenario, "c1"))
@@ -129,6 +135,8 @@ async def measure(env: Env, scenario: Scenario) -> dict[str, Any]:
         mem = procs.memory_kb(scenario.pid)
         out["rss_mb"] = round(mem["VmRSS"] / 1024, 1)
         out["peak_rss_mb"] = round(mem["VmHWM"] / 1024, 1)
+    if scenario.store_pid:
+        out["store_peak_rss_mb"] = round(procs.memory_kb(scenario.store_pid)["VmHWM"] / 1024, 1)
     out["loaded"] = loaded.as_dict()
     out["single"] = single.as_dict()
     bad = [r for r in (loaded, single) if r.errors or not r.requests]

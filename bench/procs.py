@@ -38,7 +38,8 @@ class Pinning:
             return cls(None, None, f"no pinning: only {len(cpus)} CPU available", len(cpus))
         proxy, load = {cpus[0]}, set(cpus[1:])
         return cls(proxy, load, f"gateway / mitmproxy pinned to CPU {cpus[0]}; upstream, load generator "
-                                f"and bench driver pinned to CPU(s) {','.join(map(str, sorted(load)))} "
+                                f"and bench driver, and the gateway's store process (chDB), pinned to CPU(s) "
+                                f"{','.join(map(str, sorted(load)))} "
                                 f"(sched_setaffinity)", len(cpus))
 
 
@@ -127,6 +128,24 @@ def start(name: str, argv: Sequence[str], *, ready_prefix: str, log: Path, cpus:
     raise RuntimeError(f"{name} did not start (exit {proc.poll()}):\n{child.tail()}")
 
 
+_GRANDCHILDREN: set[int] = set()
+"""Processes our children started that count as the bench's own (the gateway's store process)."""
+
+
+def store_process(pid: int) -> int | None:
+    """The gateway's embedded-ClickHouse child (storage/store_process.py), if it has one."""
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"storage.store_process import _main" in cmdline:
+                _GRANDCHILDREN.add(int(child))
+                return int(child)
+    return None
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of ``pid`` so far, in seconds."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -139,7 +158,7 @@ def own_cpu_seconds() -> float:
     stat = Path("/proc/self/stat").read_text()
     f = stat[stat.rindex(")") + 2:].split()
     total = sum(int(x) for x in f[11:15]) / CLK_TCK
-    for pid in list(_LIVE):
+    for pid in [*_LIVE, *_GRANDCHILDREN]:
         try:
             total += cpu_seconds(pid)
         except OSError:

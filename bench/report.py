@@ -132,13 +132,13 @@ def _pair(a: Any, b: Any) -> str:
 
 def table(report: dict[str, Any]) -> str:
     head = ("| configuration | workload | generator | req/s @32 | × limit | p50 @1 ms | p99 @1 ms | p50 @32 ms "
-            "| p99 @32 ms | CPU µs/req | peak RSS MB | decision p50/p99 µs @1 | decision p50/p99 µs @32 "
-            "| other load @32/@1 |")
+            "| p99 @32 ms | CPU µs/req | peak RSS MB | store CPU µs/req | store peak RSS MB "
+            "| decision p50/p99 µs @1 | decision p50/p99 µs @32 | other load @32/@1 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in report["results"]:
         if "loaded" not in r:
             lines.append(f"| {r['config']} | {r['workload']} | – | error: {r.get('error', '?')[:80]} |"
-                         + " |" * 10)
+                         + " |" * 12)
             continue
         lo, si = r["loaded"], r["single"]
         lines.append(" ".join([
@@ -146,6 +146,7 @@ def table(report: dict[str, Any]) -> str:
             f"| {_num(r.get('ratio_to_baseline'), '{:.3f}')} | {_ms(si['p50_us'])} | {_ms(si['p99_us'])}",
             f"| {_ms(lo['p50_us'])} | {_ms(lo['p99_us'])} | {_num(r.get('cpu_us_per_request'))}",
             f"| {_num(r.get('peak_rss_mb'))}",
+            f"| {_num(r.get('store_cpu_us_per_request'))} | {_num(r.get('store_peak_rss_mb'))}",
             f"| {_pair(_get(r, 'audit_single', 'decision_p50_us'), _get(r, 'audit_single', 'decision_p99_us'))}",
             f"| {_pair(_get(r, 'audit_loaded', 'decision_p50_us'), _get(r, 'audit_loaded', 'decision_p99_us'))}",
             f"| {_num(r.get('foreign_load_cores'), '{:.2f}')} / {_num(r.get('foreign_load_cores_single'), '{:.2f}')} |",
@@ -170,7 +171,10 @@ def markdown(report: dict[str, Any]) -> str:
                 if any(r["config"] == k for r in report["results"])]
         out += ["", "× limit: req/s over the same workload's `direct` (route, redact) or `direct-tls` (forward, "
                 "mitm). CPU: utime+stime of the gateway (or mitmproxy) process over the 32-connection phase, "
-                "its audit inserts included. Peak RSS: VmHWM since the process started. Decision: the audit "
+                "its audit spool and the hand-off of rows to the store included. Store: the gateway's child "
+                "process that runs embedded ClickHouse (chDB), pinned with the load like a ClickHouse server "
+                "elsewhere would be; its CPU is the inserts' (and state polling's) cost per request. Peak RSS: "
+                "VmHWM since the process started. Decision: the audit "
                 "column `decision_us`; at 32 connections it includes the wait for the event loop. Other load: "
                 "CPU (in cores) the machine spent on work that was not the bench's during the phase.", ""]
     targets = report.get("targets") or []

@@ -77,15 +77,15 @@ class Run:
                     for w in (GET, POST)]
         assert gw is not None
         if config == "route":
-            return [Scenario("route", w, gw.route_url(w.path), headers=auth, pid=gw.pid, audited=True,
+            return [Scenario("route", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid, audited=True,
                              baseline="direct") for w in (GET, POST)]
         if config == "redact":
-            return [Scenario("redact", TICKET, gw.route_url(TICKET.path), headers=auth, pid=gw.pid,
+            return [Scenario("redact", TICKET, gw.route_url(TICKET.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid,
                              audited=True, baseline="direct")]
         if config == "forward":
             return [Scenario("forward", w, f"https://{up.https}{w.path}", proxy=f"http://{gw.proxy}",
                              proxy_headers={"Proxy-Authorization": f"Bearer {self.agent_token}"},
-                             ssl=_trust(gw.ca_file), pid=gw.pid, audited=True, baseline="direct-tls",
+                             ssl=_trust(gw.ca_file), pid=gw.pid, store_pid=gw.store_pid, audited=True, baseline="direct-tls",
                              wrk_ok=False) for w in (GET, POST)]
         raise ValueError(config)
 
@@ -95,8 +95,8 @@ class Run:
         auth = {"Authorization": f"Bearer {self.agent_token}"}
         bulk = Workload("bulk", "GET", bulk_path(self.opts.large_bytes))
         plain, redacted = (Scenario("redact-large", bulk, gw.route_url(bulk.path, route), headers=auth,
-                                    pid=gw.pid, audited=True) for route in (BULK_ROUTE, BULK_REDACT_ROUTE))
-        small = Scenario("redact-large", GET, gw.route_url(GET.path), headers=auth, pid=gw.pid, audited=True)
+                                    pid=gw.pid, store_pid=gw.store_pid, audited=True) for route in (BULK_ROUTE, BULK_REDACT_ROUTE))
+        small = Scenario("redact-large", GET, gw.route_url(GET.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid, audited=True)
         return LargeScenarios(plain=plain, redacted=redacted, small=small)
 
     # -- the run -----------------------------------------------------------------------
@@ -142,7 +142,8 @@ class Run:
         assert self.upstream is not None
         try:
             gw = start_gateway(self.workdir / "gateway", self.keys, upstream_http=self.upstream.http,
-                               upstream_ca=self.upstream.ca, cpus=self.pinning.proxy)
+                               upstream_ca=self.upstream.ca, cpus=self.pinning.proxy,
+                               store_cpus=self.pinning.load)
         except RuntimeError as exc:
             self.report["errors"].append({"what": "gateway start", "error": str(exc)[-3000:]})
             print(f"bench: the gateway did not start: {exc}", file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 from gateway.models import Identity
 from storage.state_schema import ADMIN_EVENT_COLUMNS, ADMIN_EVENTS
-from storage.store import Store
+from storage.store import Store, insert_rows
 
 log = logging.getLogger("agentgate.admin")
 _NAMES = tuple(n for n, _ in ADMIN_EVENT_COLUMNS)
@@ -25,8 +25,7 @@ class AdminEvents:
                list(actor.roles) if actor else [], action, target, reason, result, detail, self.instance)
         db = self.store.database
         try:
-            await self.store.run(lambda c: c.insert(ADMIN_EVENTS, [row], database=db,
-                                                    column_names=_NAMES, column_type_names=_TYPES))
+            await self.store.run(insert_rows, ADMIN_EVENTS, [row], db, _NAMES, _TYPES)
         except Exception:  # noqa: BLE001
             log.exception("could not record admin event %s on %s", action, target)
             raise

@@ -83,7 +83,7 @@ class Gateway:
         self.verifier = JwtVerifier(cfg.identity, dev_public_key_pem=dev_pub, registry=registry)
         self.engine = make_engine(cfg.policy, {"agents": registry.as_data() if registry else {}})
         await self.engine.start()
-        self.store = Store(cfg.audit_dsn, database=cfg.audit.database, ttl_days=cfg.audit.ttl_days)
+        self.store = Store.from_config(cfg)
         await self.store.open()
         self.audit = AuditSpool(self.store, cfg.data_dir / "spool", instance=self.instance,
                                 batch_size=cfg.audit.batch_size,

@@ -24,7 +24,7 @@ from gateway.killswitch import KillSwitch, from_datetime, to_datetime
 from gateway.models import Call, Identity
 from gateway.registry import AgentRegistry
 from storage.state_schema import APPROVAL_COLUMNS, APPROVALS
-from storage.store import Store
+from storage.store import Store, insert_rows
 
 log = logging.getLogger("agentgate.approvals")
 
@@ -329,16 +329,15 @@ class Approvals:
 
     async def _persist(self, approval: Approval) -> None:
         db = self.store.database
-        await self.store.run(lambda c: c.insert(APPROVALS, [approval.row()], database=db,
-                                                column_names=_COLUMN_NAMES, column_type_names=_COLUMN_TYPES))
+        await self.store.run(insert_rows, APPROVALS, [approval.row()], db, _COLUMN_NAMES, _COLUMN_TYPES)
 
     async def refresh(self) -> None:
         """Load approvals that can still matter (not yet expired) from the store."""
-        db = self.store.database
+        self.apply([Approval.from_row(r) for r in await self.store.run(_fetch, self.store.database)])
 
-        def fetch(client: Any) -> list[dict[str, Any]]:
-            res = client.query(f"SELECT {', '.join(_COLUMN_NAMES)} FROM {db}.{APPROVALS} FINAL "
-                               "WHERE expires_at > now64(6) - INTERVAL 60 SECOND")
-            return [dict(zip(_COLUMN_NAMES, r)) for r in res.result_rows]
 
-        self.apply([Approval.from_row(r) for r in await self.store.run(fetch)])
+def _fetch(client: Any, db: str) -> list[dict[str, Any]]:
+    """Approvals that can still matter (not yet expired)."""
+    res = client.query(f"SELECT {', '.join(_COLUMN_NAMES)} FROM {db}.{APPROVALS} FINAL "
+                       "WHERE expires_at > now64(6) - INTERVAL 60 SECOND")
+    return [dict(zip(_COLUMN_NAMES, r)) for r in res.result_rows]

@@ -114,6 +114,9 @@ class AuditConfig(_Section):
     """True: refuse new calls (503 audit_unavailable) when the spool cannot take their record."""
     spool_fsync: bool = True
     """fsync each group commit (off: survives kill -9 but not power loss)."""
+    chdb_process: bool = True
+    """Embedded chDB runs in a child process (its memory, merges and crashes stay out of the
+    proxy's); false: in the gateway process. Ignored for a ClickHouse server DSN."""
 
 
 class CredentialConfig(_Section):

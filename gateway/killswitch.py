@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from gateway.models import Identity
 from storage.state_schema import KILLSWITCH_COLUMNS, KILLSWITCHES
-from storage.store import Store
+from storage.store import Store, insert_rows
 
 log = logging.getLogger("agentgate.killswitch")
 
@@ -132,8 +132,7 @@ class KillSwitches:
 
     async def _persist(self, switch: KillSwitch) -> None:
         db = self.store.database
-        await self.store.run(lambda c: c.insert(KILLSWITCHES, [switch.row()], database=db,
-                                                column_names=_COLUMN_NAMES, column_type_names=_COLUMN_TYPES))
+        await self.store.run(insert_rows, KILLSWITCHES, [switch.row()], db, _COLUMN_NAMES, _COLUMN_TYPES)
 
     def apply(self, switches: list[KillSwitch]) -> None:
         """Merge switches (newer versions win) and fire ``on_kill`` for newly active ones."""
@@ -166,10 +165,9 @@ class KillSwitches:
 
     # -- loading ----------------------------------------------------------------------------
     async def refresh(self) -> None:
-        db = self.store.database
+        self.apply([KillSwitch.from_row(r) for r in await self.store.run(_fetch, self.store.database)])
 
-        def fetch(client: Any) -> list[dict[str, Any]]:
-            res = client.query(f"SELECT {', '.join(_COLUMN_NAMES)} FROM {db}.{KILLSWITCHES} FINAL")
-            return [dict(zip(_COLUMN_NAMES, r)) for r in res.result_rows]
 
-        self.apply([KillSwitch.from_row(r) for r in await self.store.run(fetch)])
+def _fetch(client: Any, db: str) -> list[dict[str, Any]]:
+    res = client.query(f"SELECT {', '.join(_COLUMN_NAMES)} FROM {db}.{KILLSWITCHES} FINAL")
+    return [dict(zip(_COLUMN_NAMES, r)) for r in res.result_rows]

@@ -525,7 +525,10 @@ class AuditSpool:
         self.recovered_incomplete = 0
         # lifecycle
         self._wake_writer = asyncio.Event()
-        self._wake_shipper = asyncio.Event()
+        self._wake_shipper = asyncio.Event()  # new records are on disk
+        # Ship before the interval is up: a full batch, a flush() waiter, close(). New records
+        # alone must not cut the wait short, or batches never gather (one insert per fsync).
+        self._ship_now = asyncio.Event()
         self._retry_now = asyncio.Event()
         self._closing = False
         self._closed = False
@@ -662,6 +665,8 @@ class AuditSpool:
         sealed = self._chain.seal(row)
         self._append(encode_record(COMPLETE, cid, encode_row(sealed)))
         self._rows_pending += 1
+        if self._rows_pending == self.batch_size:
+            self._wake_writer.set()  # a full batch need not wait for the interval
 
     def _append(self, rec: bytes, *, begin_cid: bytes | None = None,
                 waiter: asyncio.Future[None] | None = None) -> None:
@@ -774,6 +779,7 @@ class AuditSpool:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._ship_waiters.append((end, done))
             self._wake_shipper.set()
+            self._ship_now.set()
             await done
 
         async with asyncio.timeout(timeout):
@@ -788,6 +794,7 @@ class AuditSpool:
         self._close_deadline = time.monotonic() + timeout
         self._wake_writer.set()
         self._wake_shipper.set()
+        self._ship_now.set()
         self._retry_now.set()
         for task in (self._writer_task, self._shipper_task):
             if task is None:
@@ -855,6 +862,7 @@ class AuditSpool:
             await self._write_records()
         finally:
             self._wake_shipper.set()  # the shipper waits for the writer to finish at close
+            self._ship_now.set()
 
     def _task_done(self, task: "asyncio.Task[None]") -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -875,7 +883,8 @@ class AuditSpool:
                 self._wake_writer.clear()
                 await self._wake_writer.wait()
                 continue
-            if not self._begin_waiters and not self._flushers and not self._closing:
+            if (not self._begin_waiters and not self._flushers and not self._closing
+                    and self._rows_pending < self.batch_size):
                 self._wake_writer.clear()  # completes only: let them gather, unless a begin comes
                 await _wait_event(self._wake_writer, self.flush_interval_seconds)
             data = b"".join(self._pending)
@@ -913,6 +922,8 @@ class AuditSpool:
                     fut.set_result(None)
             self._release_flushers()
             self._wake_shipper.set()
+            if self._rows_pending >= self.batch_size:
+                self._ship_now.set()
 
     def _release_flushers(self) -> None:
         flushers, self._flushers = self._flushers, []
@@ -938,8 +949,8 @@ class AuditSpool:
                 await self._wake_shipper.wait()
                 continue
             if self._rows_pending < self.batch_size and not self._ship_waiters and not self._closing:
-                self._wake_shipper.clear()  # let a batch gather
-                await _wait_event(self._wake_shipper, self.flush_interval_seconds)
+                self._ship_now.clear()  # let a batch gather
+                await _wait_event(self._ship_now, self.flush_interval_seconds)
             assert self._ship_io is not None
             batch = await loop.run_in_executor(self._ship_io, self._read_batch, self._synced,
                                                dict(self._sizes))

@@ -1,8 +1,11 @@
 """The ClickHouse connection: one clickhouse-connect client driven from one worker thread.
 
-``chdb:///abs/path`` runs ClickHouse embedded (chDB) in this process; ``http(s)://user:pass@host:port``
+``chdb:///abs/path`` runs ClickHouse embedded (chDB), by default in a child process of its own
+(storage/store_process.py; ``process=False`` keeps it in this process); ``http(s)://user:pass@host:port``
 talks to a server. Every client call runs on a single dedicated thread, never on the event loop:
 the chDB handle is not safe to use concurrently, and blocking I/O must not stall the proxy.
+Calls are ``run(fn, *args)`` with ``fn(client, *args)``; with a store process ``fn`` must be a
+module-level function (it crosses to the child by reference).
 
 chDB hosts one engine per process: every open client must use the same data path, and a
 different path can be opened only after all clients on the previous one are closed.
@@ -29,6 +32,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from storage import schema
 from storage.audit import redact_query
+from storage.store_process import READ_ONLY, READ_WRITE, StoreProcess, StoreProcessError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -178,8 +182,11 @@ class Store:
     """Async facade over one clickhouse-connect client (plus a read-only one for admin SQL)."""
 
     def __init__(self, dsn: str, *, database: str = schema.DEFAULT_DATABASE, ttl_days: int = 90,
-                 connect_timeout_seconds: float = 10.0, query_timeout_seconds: float = 30.0) -> None:
+                 connect_timeout_seconds: float = 10.0, query_timeout_seconds: float = 30.0,
+                 process: bool = False) -> None:
         self.dsn = dsn
+        self.process = process and dsn.startswith("chdb:")
+        self._child: StoreProcess | None = None
         self.database = schema.validate_database(database)
         self.ttl_days = ttl_days
         self.connect_timeout_seconds = connect_timeout_seconds
@@ -192,7 +199,8 @@ class Store:
     @classmethod
     def from_config(cls, config: Any) -> "Store":
         """Build from a ``gateway.config.Config``."""
-        return cls(config.audit_dsn, database=config.audit.database, ttl_days=config.audit.ttl_days)
+        return cls(config.audit_dsn, database=config.audit.database, ttl_days=config.audit.ttl_days,
+                   process=config.audit.chdb_process)
 
     @property
     def safe_dsn(self) -> str:
@@ -202,22 +210,16 @@ class Store:
     def is_open(self) -> bool:
         return self._client is not None
 
-    def _connect(self) -> Any:
-        kwargs: dict[str, Any] = {"dsn": self.dsn}
-        if not self.dsn.startswith("chdb:"):
-            kwargs["connect_timeout"] = self.connect_timeout_seconds
-        return clickhouse_connect.get_client(**kwargs)
+    def _opener(self) -> "functools.partial[tuple[Any, Any]]":
+        return functools.partial(open_clients, self.dsn, self.database, self.ttl_days,
+                                 self.connect_timeout_seconds)
 
     def _open_sync(self) -> tuple[Any, Any]:
-        client = self._connect()
-        try:
-            schema.apply_migrations(client, self.database, self.ttl_days)
-            # A separate handle (chDB) / session (HTTP) keeps admin queries' settings apart.
-            ro_client = self._connect()
-        except BaseException:
-            client.close()
-            raise
-        return client, ro_client
+        if not self.process:
+            return self._opener()()
+        self._child = StoreProcess(self._opener())
+        log.info("audit store process started (pid %d)", self._child.pid)
+        return READ_WRITE, READ_ONLY
 
     async def open(self) -> None:
         """Connect and apply migrations. Raises StoreError naming the DSN (without password)."""
@@ -243,10 +245,13 @@ class Store:
         """Close both clients on the worker (after any queued work) and stop the worker."""
         if self._executor is None:
             return
-        executor, clients = self._executor, (self._client, self._ro_client)
-        self._client = self._ro_client = None
+        executor, clients, child = self._executor, (self._client, self._ro_client), self._child
+        self._client = self._ro_client = self._child = None
 
         def _close() -> None:
+            if child is not None:
+                child.close()
+                return
             for c in clients:
                 if c is not None:
                     try:
@@ -263,8 +268,22 @@ class Store:
     async def _submit(self, fn: Callable[..., T], client: Any, *args: Any, **kw: Any) -> T:
         if self._executor is None or client is None:
             raise StoreError("audit store is not open")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, functools.partial(fn, client, *args, **kw))
+        child = self._child
+        if child is None:
+            call = functools.partial(fn, client, *args, **kw)
+        else:
+            call = functools.partial(child.call, client, fn, args, kw)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except StoreProcessError as exc:
+            log.error("audit store process failed: %s; it is restarted on the next open", exc)
+            await self._lost(child)
+            raise StoreError(f"audit store {self.safe_dsn}: {exc}") from None
+
+    async def _lost(self, child: StoreProcess | None) -> None:
+        """The store process died: count the store as closed, so open() starts a new one."""
+        if child is not None and child is self._child:
+            await self.close()
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run ``fn(client, *args, **kw)`` on the worker thread and return its result."""
@@ -275,7 +294,7 @@ class Store:
         if self._client is None:
             return False
         if self._ping is None or self._ping.done():
-            self._ping = asyncio.ensure_future(self.run(lambda c: bool(c.ping())))
+            self._ping = asyncio.ensure_future(self.run(_ping))
         try:
             return await asyncio.wait_for(asyncio.shield(self._ping), timeout)
         except Exception:
@@ -295,13 +314,44 @@ class Store:
             "readonly": 1,
         }
 
-        def _query(client: Any) -> tuple[list[str], list[list[Any]]]:
-            # 'break' stops at a block boundary, so the result is also trimmed here.
-            res = client.query(statement, settings=settings)
-            rows = [[to_json_value(v) for v in row] for row in res.result_rows[:limit]]
-            return list(res.column_names), rows
-
         try:
-            return await self._submit(_query, self._ro_client)
+            return await self._submit(_readonly_query, self._ro_client, statement, settings, limit)
         except ClickHouseError as exc:
             raise QueryError(str(exc).strip()) from None
+
+
+def open_clients(dsn: str, database: str, ttl_days: int, connect_timeout: float) -> tuple[Any, Any]:
+    """Connect (twice), applying migrations on the first: (read-write client, admin SQL client).
+
+    Module-level: a store process runs it in the child."""
+    kwargs: dict[str, Any] = {"dsn": dsn}
+    if not dsn.startswith("chdb:"):
+        kwargs["connect_timeout"] = connect_timeout
+    client = clickhouse_connect.get_client(**kwargs)
+    try:
+        schema.apply_migrations(client, database, ttl_days)
+        # A separate handle (chDB) / session (HTTP) keeps admin queries' settings apart.
+        ro_client = clickhouse_connect.get_client(**kwargs)
+    except BaseException:
+        client.close()
+        raise
+    return client, ro_client
+
+
+def _ping(client: Any) -> bool:
+    return bool(client.ping())
+
+
+def _readonly_query(client: Any, statement: str, settings: dict[str, Any],
+                    limit: int) -> tuple[list[str], list[list[Any]]]:
+    # 'break' stops at a block boundary, so the result is also trimmed here.
+    res = client.query(statement, settings=settings)
+    rows = [[to_json_value(v) for v in row] for row in res.result_rows[:limit]]
+    return list(res.column_names), rows
+
+
+def insert_rows(client: Any, table: str, rows: list[tuple[Any, ...]], database: str,
+                column_names: list[str] | tuple[str, ...], column_type_names: list[str] | tuple[str, ...]) -> None:
+    """``client.insert`` as a module-level function (store calls cross to a store process)."""
+    client.insert(table, rows, database=database, column_names=list(column_names),
+                  column_type_names=list(column_type_names))

@@ -5,8 +5,9 @@ handing it to a thread would. Compilation (milliseconds) runs in a worker thread
 interpreter; the new ``CompiledPolicy`` replaces the old one with one assignment, so a decision
 always runs entirely against one bundle and none is ever dropped by a reload.
 
-Strings cross into rego-cpp JSON-escaped (see :func:`_escape`): its C input API stores strings
-verbatim and compares them with the *escaped* text of Rego literals, and it truncates at NUL.
+Strings cross into rego-cpp JSON-escaped (see gateway/policy/rego_input.py): its C input API
+stores strings verbatim and compares them with the *escaped* text of Rego literals, and it
+truncates at NUL.
 
 rego-cpp 1.5 aborts the whole process on some valid Rego (e.g. ``with input as {...}`` over a
 rule that builds an object from other rules), so every bundle is first compiled in a child
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import re
 import signal
 import subprocess
@@ -28,53 +28,17 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from regopy import Bundle, Input, Interpreter, LogLevel, RegoError
+from regopy import Bundle, Interpreter, LogLevel, RegoError
 from watchfiles import awatch
 
 from gateway.policy import PolicyEvalError, PolicyLoadError, PolicyUndefinedError, decision_ref
 from gateway.policy.bundle import LoadedBundle, load_bundle, require_rule
+from gateway.policy.rego_input import NeedsJsonTerm, build_input, json_term
 
 if TYPE_CHECKING:
     from gateway.config import PolicyConfig
 
 log = logging.getLogger("agentgate.policy")
-
-_INT64 = (-(1 << 63), (1 << 63) - 1)
-_json_text = json.JSONEncoder(ensure_ascii=False, allow_nan=False, check_circular=True).encode
-
-
-# --------------------------------------------------------------------------- input encoding
-
-
-class _NeedsJsonTerm(Exception):
-    """An integer beyond int64: the C input API cannot carry it, the JSON term parser can."""
-
-
-def _escape(value: Any) -> Any:
-    """A copy of ``value`` whose strings (keys too) are in JSON-escaped form, for ``Input``."""
-    if isinstance(value, str):
-        return _json_text(value)[1:-1]
-    if value is None or value is True or value is False:
-        return value
-    if isinstance(value, int):
-        if not _INT64[0] <= value <= _INT64[1]:
-            raise _NeedsJsonTerm
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"input contains a non-finite number ({value})")
-        return value
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"input object key {key!r} is not a string")
-            out[_json_text(key)[1:-1]] = _escape(item)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_escape(item) for item in value]
-    raise TypeError(f"input contains a {type(value).__name__}, which is not JSON")
-
 
 # --------------------------------------------------------------------------- rego-cpp errors
 
@@ -209,9 +173,9 @@ class CompiledPolicy:
             try:
                 if input is not None:
                     try:
-                        self._interp.set_input(Input(_escape(input)))
-                    except _NeedsJsonTerm:
-                        self._interp.set_input_term(_json_text(input))
+                        self._interp.set_input(build_input(input))
+                    except NeedsJsonTerm:
+                        self._interp.set_input_term(json_term(input))
                 output = self._interp.query_bundle_entrypoint(self._bundle, entrypoint)
             except json.JSONDecodeError as exc:
                 # Some runtime errors come back as ok() output holding an error dump, which
@@ -221,7 +185,7 @@ class CompiledPolicy:
             except RegoError as exc:
                 raise PolicyEvalError(
                     f"{where}: {format_rego_error(str(exc), self.loaded.modules)}") from None
-            except (TypeError, ValueError, OverflowError, UnicodeError) as exc:
+            except (TypeError, ValueError, OverflowError, UnicodeError, RecursionError) as exc:
                 raise PolicyEvalError(f"{where}: input not usable: {exc}") from None
             if not output.ok():
                 root = output.node()  # an error sequence; Node.__iter__ is lazy-broken, use at()
@@ -260,7 +224,7 @@ def preflight(loaded: LoadedBundle, entrypoints: list[str]) -> None:
     Costs one interpreter start (~50 ms) per load; compilation is deterministic, so a bundle
     that survives here does not crash the gateway when compiled in-process.
     """
-    payload = json.dumps({"modules": loaded.modules, "data": _json_text(loaded.data),
+    payload = json.dumps({"modules": loaded.modules, "data": json_term(loaded.data),
                           "entrypoints": entrypoints}).encode()
     try:
         proc = subprocess.run([sys.executable, "-I", "-c", _PREFLIGHT_SCRIPT], input=payload,
@@ -300,7 +264,7 @@ def compile_bundle(loaded: LoadedBundle, entrypoints: list[str], *,
     try:
         for name, source in loaded.modules.items():
             interp.add_module(name, source)
-        interp.add_data_json(_json_text(loaded.data))
+        interp.add_data_json(json_term(loaded.data))
         bundle = interp.build(None, entrypoints)
     except RegoError as exc:
         raise PolicyLoadError(format_rego_error(str(exc), loaded.modules)) from None
