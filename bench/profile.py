@@ -84,7 +84,7 @@ async def profile_gateway(env: Env, scenario: Scenario, seconds: float) -> dict[
     exe = py_spy_path()
     if exe is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
-    raw = env.workdir / "profile-route.txt"
+    raw = env.workdir / f"profile-{scenario.config}.txt"
     load = asyncio.create_task(run_phase(env, scenario, connections=env.opts.connections,
                                          requests=env.opts.requests, seconds=seconds + 2, trace="bench-profile"))
     proc = await asyncio.create_subprocess_exec(
@@ -95,7 +95,7 @@ async def profile_gateway(env: Env, scenario: Scenario, seconds: float) -> dict[
     if not raw.exists():
         raise RuntimeError(f"py-spy failed (exit {proc.returncode}): {err.decode()[-500:]}")
     env.opts.out.mkdir(parents=True, exist_ok=True)
-    kept = env.opts.out / "profile-route.txt"
+    kept = env.opts.out / raw.name
     shutil.copyfile(raw, kept)
-    return {"seconds": seconds, "rate_hz": 200, "rps_during": round(result.rps, 1), "raw_file": str(kept),
+    return {"config": f"{scenario.config} {scenario.workload.name.upper()}", "seconds": seconds, "rate_hz": 200, "rps_during": round(result.rps, 1), "raw_file": str(kept),
             **summarise(raw.read_text())}

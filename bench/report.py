@@ -213,7 +213,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{'' if lk['complete'] else ' — stopped by the time bound before N'}.", ""]
     if report.get("profile"):
         p = report["profile"]
-        out += ["## Where the gateway's time goes (py-spy, route GET)", "",
+        out += [f"## Where the gateway's time goes (py-spy, {p.get('config', 'route GET')})", "",
                 f"{p['samples']} samples over {p['seconds']} s at {p['rps_during']} req/s:", ""]
         out += [f"- {c['pct']}% {c['name']}" for c in p["components"] if c["pct"] >= 0.5]
         out += ["", "Top self frames: " + "; ".join(f"{s['name']} {s['pct']}%" for s in p["self"][:8]), ""]

@@ -238,7 +238,7 @@ class Run:
 
     async def _profile(self, env: Env, gw: GatewayProcess | None) -> None:
         assert gw is not None
-        self.report["profile"] = await profile_gateway(env, self.scenarios("route", gw)[0],
+        self.report["profile"] = await profile_gateway(env, self.scenarios(self.opts.profile_config, gw)[0],
                                                        self.opts.profile_seconds)
 
 
