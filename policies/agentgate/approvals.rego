@@ -1,41 +1,51 @@
 # Allowed calls that a human must approve first: anything that speaks to customers,
 # broadcasts to colleagues, or moves money.
+#
+# Each rule starts with the check that rules it out for most calls (the system) and builds
+# its approval in its last line: the embedded engine computes a constant rule value before
+# the checks, a value bound in the body only when they pass.
 package agentgate
 
 import rego.v1
 
 # Sending customer email.
-approvals contains {"why": "sends customer email", "approvers": ["sales-lead"]} if {
+approvals contains approval if {
 	system == "sendgrid"
 	method == "POST"
 	segments == ["v3", "mail", "send"]
+	approval := {"why": "sends customer email", "approvers": ["sales-lead"]}
+}
+
+# Ticket writes that may reach the customer (below).
+approvals contains approval if {
+	zendesk_ticket_write
+	approval := zendesk_write_approval
 }
 
 # A public ticket comment is emailed to the customer. Zendesk makes comments public
 # unless they say "public": false.
-approvals contains {"why": "posts a public reply to a customer", "approvers": ["support-lead"]} if {
-	zendesk_ticket_write
+zendesk_write_approval := {"why": "posts a public reply to a customer", "approvers": ["support-lead"]} if {
 	some comment in ticket_comments
 	not comment.public == false
-}
-
-# Fail closed: a ticket write whose body the gateway could not parse may hold a reply.
-approvals contains {"why": "writes a ticket the gateway could not inspect", "approvers": ["support-lead"]} if {
-	zendesk_ticket_write
+} else := {"why": "writes a ticket the gateway could not inspect", "approvers": ["support-lead"]} if {
+	# Fail closed: a ticket write whose body the gateway could not parse may hold a reply.
+	# (Comments are only found in a parsed body, so the two cases never overlap.)
 	not body_inspected
 }
 
 # Posting to Slack channels. Slack's Web API also takes GET, so the method does not matter.
-approvals contains {"why": "posts to a Slack channel", "approvers": ["security"]} if {
+approvals contains approval if {
 	system == "slack"
 	segments in {["api", "chat.postMessage"], ["api", "chat.scheduleMessage"]}
+	approval := {"why": "posts to a Slack channel", "approvers": ["security"]}
 }
 
 # Refunds move money.
-approvals contains {"why": "issues a refund", "approvers": ["finance"]} if {
+approvals contains approval if {
 	system == "stripe"
 	method == "POST"
 	segments == ["v1", "refunds"]
+	approval := {"why": "issues a refund", "approvers": ["finance"]}
 }
 
 approvers contains role if {

@@ -20,114 +20,143 @@
 # item, what to show in tools/list (resources/list, prompts/list): it evaluates a tools/call
 # with empty arguments for each listed tool and hides those that would be denied.
 #
-# Written as one rule that reads the call and functions of plain values: regopy compiles every
-# `with input...` in the bundle's tests against the rules that depend on input, so keeping those
-# few keeps the bundle quick to compile.
+# Most calls are HTTP calls: every rule here that adds to grants, deny, approvals or
+# redacts_contacts starts with mcp_use[0] (or the HTTP method), which rules it out at once.
 package agentgate
 
 import rego.v1
 
-# The MCP part of the decision.
-mcp := mcp_judge(input.tool, input.request, system, agent_roles)
-
-deny contains reason if some reason in mcp.deny
-
-grants contains reason if some reason in mcp.grants
-
-approvals contains approval if some approval in mcp.approvals
-
-# Tool results that carry customer contact details are redacted like HTTP ticket reads.
-redact := ticket_redaction if mcp.redact_contacts
-
-redaction_reasons contains "customer contact details are redacted from ticket data" if mcp.redact_contacts
-
-# Name-bearing methods: [catalogue part, label, the member naming the item].
-mcp_uses := {
-	"tools/call": ["tools", "tool", "name"],
-	"prompts/get": ["prompts", "prompt", "name"],
-	"resources/read": ["resources", "resource", "uri"],
-	"resources/subscribe": ["resources", "resource", "uri"],
-	"resources/unsubscribe": ["resources", "resource", "uri"],
-}
-
-mcp_judge(tool, req, sys, roles) := {
-	"deny": union({mcp_item_denials(use), mcp_endpoint_denials(tool, req, sys)}),
-	"grants": union({{g | some role in use.granted; g := concat(" ", ["role", role, "may use", sys, use.label, use.item])},
-		mcp_session_grants(req, sys, roles)}),
-	"approvals": {{"why": use.entry.approval.why, "approvers": use.entry.approval.approvers} |
-		count(use.granted) > 0
-		use.entry.approval
-	},
-	"redact_contacts": mcp_redacts(use),
-} if {
-	use := mcp_use(tool, sys, roles)
-}
-
-# What a name-bearing message uses, and which of the agent's roles may use it.
-mcp_use(tool, sys, roles) := use if {
+# What an MCP message uses, as [catalogue part, label, the member naming the item]; [] for
+# HTTP calls and for MCP messages that name nothing (initialize, tools/list ...). Undefined
+# for other tool kinds, which this bundle does not judge (access.rego denies them).
+mcp_use := [] if {
+	input.tool.kind == "http"
+} else := ["tools", "tool", "name"] if {
+	tool := input.tool
 	tool.kind == "mcp"
-	[part, label, key] := mcp_uses[tool.method]
-	item := object.get(tool, key, null)
-	entry := object.get(data.gateway, ["mcp", sys, part, item], {})
-	use := {
-		"tool": tool, "system": sys, "part": part, "label": label, "item": item, "entry": entry, "roles": roles,
-		"granted": {role | some role in roles; role in object.get(entry, "roles", []); not entry.never},
-	}
-} else := {"item": null, "entry": {}, "granted": set(), "part": null}
+	tool.method == "tools/call"
+} else := ["prompts", "prompt", "name"] if {
+	tool := input.tool
+	tool.kind == "mcp"
+	tool.method == "prompts/get"
+} else := ["resources", "resource", "uri"] if {
+	tool := input.tool
+	tool.kind == "mcp"
+	{"resources/read", "resources/subscribe", "resources/unsubscribe"}[tool.method]
+} else := [] if {
+	input.tool.kind == "mcp"
+}
+
+# A name-bearing MCP message on a system, worked out once: whether any of the agent's roles
+# may use the item it names, whether it names anything at all (a string), the item's
+# catalogue entry ({} if the catalogue, or the system, has none), its label ("tool",
+# "prompt", "resource"), the item (null if none) and the roles that may use it (none when it
+# is never allowed). One rule that the others read rather than many small ones: that keeps
+# the tests quick to compile (see ../README.md).
+mcp_call := {"usable": usable, "named": is_string(item), "entry": entry, "label": use[1], "item": item, "granted": granted} if {
+	use := mcp_use
+	key := use[2]
+	item := object.get(input.tool, key, null)
+	present(input.request)
+	entry := object.get(data.gateway, ["mcp", system, use[0], item], {})
+	granted := {role | some role in input.agent.roles; mcp_may_use(entry, role)}
+	usable := granted != set()
+}
+
+mcp_may_use(entry, role) if {
+	not entry.never
+	role in object.get(entry, "roles", [])
+}
+
+grants contains reason if {
+	mcp_use[0]
+	call := mcp_call
+	some role in call.granted
+	reason := concat(" ", ["role", role, "may use", system, call.label, call.item])
+}
+
+deny contains reason if {
+	mcp_use[0]
+	some reason in mcp_denials
+}
 
 # Why a call is denied: no name, never allowed, no role grants it (or it is not in the
 # catalogue, or the system has none), or an argument over its limit.
-mcp_item_denials(use) := {reason |
-	use.part != null
-	some reason in mcp_item_reasons(use)
+mcp_denials contains concat(" ", [input.tool.method, "does not name a", call.label]) if {
+	call := mcp_call
+	not call.named
 }
 
-mcp_item_reasons(use) := [concat(" ", [use.tool.method, "does not name a", use.label])] if not is_string(use.item)
-
-mcp_item_reasons(use) := [concat("", [use.system, " ", use.label, " ", use.item, " is never allowed: ", use.entry.never])] if {
-	is_string(use.item)
-	use.entry.never
+mcp_denials contains concat("", [system, " ", call.label, " ", call.item, " is never allowed: ", call.entry.never]) if {
+	call := mcp_call
+	call.named
+	call.entry.never
 }
 
-mcp_item_reasons(use) := [concat(" ", ["role", role, "may not use", use.system, use.label, use.item]) | some role in use.roles] if {
-	is_string(use.item)
-	not use.entry.never
-	count(use.granted) == 0
+mcp_denials contains concat(" ", ["role", role, "may not use", system, call.label, call.item]) if {
+	call := mcp_call
+	call.named
+	not call.entry.never
+	not call.usable
+	some role in input.agent.roles
 }
 
-mcp_item_reasons(use) := [concat("", [use.system, " tool ", use.item, ": ", name, " must be a number up to ", format_int(limit, 10)]) |
+mcp_denials contains concat("", [system, " tool ", call.item, ": ", name, " must be a number up to ", format_int(limit, 10)]) if {
+	call := mcp_call
+	call.usable
 	some name
-	limit := use.entry.max[name]
-	not mcp_within(object.get(use.tool.arguments, name, 0), limit)
-] if {
-	is_string(use.item)
-	count(use.granted) > 0
+	limit := call.entry.max[name]
+	not mcp_within(object.get(input.tool.arguments, name, 0), limit)
 }
-
-mcp_redacts(use) := true if {
-	count(use.granted) > 0
-	use.entry.redact_contacts == true
-} else := false
 
 mcp_within(value, limit) if {
 	is_number(value)
 	value <= limit
 }
 
+approvals contains approval if {
+	mcp_use[0]
+	call := mcp_call
+	call.usable
+	call.entry.approval
+	approval := {"why": call.entry.approval.why, "approvers": call.entry.approval.approvers}
+}
+
+# Tool results that carry customer contact details are redacted like HTTP ticket reads.
+redacts_contacts if {
+	mcp_use[0]
+	call := mcp_call
+	call.usable
+	call.entry.redact_contacts == true
+}
+
 # Everything posted to an MCP endpoint must be a JSON-RPC message the gateway could read
 # (a body too large to inspect, or not JSON, would otherwise pass on the HTTP grant alone).
-mcp_endpoint_denials(tool, req, sys) := {concat(" ", ["POST to the", sys, "MCP endpoint is not a JSON-RPC message the gateway could inspect"]) |
-	req.method == "POST"
-	req.path in object.get(data.gateway, ["mcp", sys, "endpoints"], [])
+deny contains reason if {
+	method == "POST"
+	not mcp_use[0] # tools/call and the like are JSON-RPC messages: no need to look further
+	sys := system
+	input.request.path in data.gateway.mcp[sys].endpoints
+	reason := mcp_endpoint_denial(input.tool, sys)
+}
+
+mcp_endpoint_denial(tool, sys) := concat(" ", ["POST to the", sys, "MCP endpoint is not a JSON-RPC message the gateway could inspect"]) if {
 	not tool.kind == "mcp"
 }
 
 # Ending an MCP session (DELETE with Mcp-Session-Id) is protocol, not a deletion: whoever may
 # POST to the server may end its sessions.
-mcp_session_grants(req, sys, roles) := {concat(" ", ["role", role, "may end", sys, "MCP sessions"]) |
-	req.method == "DELETE"
-	req.path in object.get(data.gateway, ["mcp", sys, "endpoints"], [])
-	req.headers["mcp-session-id"]
-	some role in roles
+grants contains reason if {
+	method == "DELETE"
+	present(input.tool)
+	sys := system
+	input.request.path in data.gateway.mcp[sys].endpoints
+	input.request.headers["mcp-session-id"]
+	some role in input.agent.roles
 	"POST" in data.gateway.roles[role].grants[sys]
+	reason := concat(" ", ["role", role, "may end", sys, "MCP sessions"])
 }
+
+# True for any value, false and null included (and undefined when the value is): the MCP
+# rules judge calls that come with input.tool and input.request, as every gateway call does.
+present(_) := true

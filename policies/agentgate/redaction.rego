@@ -16,9 +16,16 @@ ticket_redaction := {
 
 default redact := {"fields": [], "detectors": []}
 
-redact := ticket_redaction if ticket_read
+redact := ticket_redaction if redacts_contacts
 
-redaction_reasons contains "customer contact details are redacted from ticket data" if ticket_read
+redaction_reasons contains "customer contact details are redacted from ticket data" if redacts_contacts
+
+# Ticket reads, and MCP tools that return tickets (mcp.rego). (False rather than undefined
+# otherwise: the embedded engine keeps a rule's value for the rest of the decision, but
+# evaluates an undefined rule again wherever it is referenced.)
+default redacts_contacts := false
+
+redacts_contacts if ticket_read
 
 # Zendesk: GET /api/v2/tickets...
 ticket_read if {
@@ -31,5 +38,5 @@ ticket_read if {
 ticket_read if {
 	system == "demo"
 	method == "GET"
-	segments[0] == "tickets"
+	input.request.path_segments[0] == "tickets"
 }
