@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.store_process import CHILD_MAIN
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
@@ -140,7 +142,7 @@ def store_process(pid: int) -> int | None:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"storage.store_process import _main" in cmdline:
+            if CHILD_MAIN.encode() in cmdline:
                 _GRANDCHILDREN.add(int(child))
                 return int(child)
     return None

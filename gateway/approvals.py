@@ -23,7 +23,7 @@ from gateway.errors import Forbidden, GatewayError
 from gateway.killswitch import KillSwitch, from_datetime, to_datetime
 from gateway.models import Call, Identity
 from gateway.registry import AgentRegistry
-from storage.state_schema import APPROVAL_COLUMNS, APPROVALS
+from storage.state_schema import APPROVAL_COLUMNS, APPROVALS, latest_rows
 from storage.store import Store, insert_rows
 
 log = logging.getLogger("agentgate.approvals")
@@ -333,11 +333,6 @@ class Approvals:
 
     async def refresh(self) -> None:
         """Load approvals that can still matter (not yet expired) from the store."""
-        self.apply([Approval.from_row(r) for r in await self.store.run(_fetch, self.store.database)])
-
-
-def _fetch(client: Any, db: str) -> list[dict[str, Any]]:
-    """Approvals that can still matter (not yet expired)."""
-    res = client.query(f"SELECT {', '.join(_COLUMN_NAMES)} FROM {db}.{APPROVALS} FINAL "
-                       "WHERE expires_at > now64(6) - INTERVAL 60 SECOND")
-    return [dict(zip(_COLUMN_NAMES, r)) for r in res.result_rows]
+        rows = await self.store.run(latest_rows, self.store.database, APPROVALS, _COLUMN_NAMES,
+                                    "expires_at > now64(6) - INTERVAL 60 SECOND")
+        self.apply([Approval.from_row(r) for r in rows])

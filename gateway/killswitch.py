@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from gateway.models import Identity
-from storage.state_schema import KILLSWITCH_COLUMNS, KILLSWITCHES
+from storage.state_schema import KILLSWITCH_COLUMNS, KILLSWITCHES, latest_rows
 from storage.store import Store, insert_rows
 
 log = logging.getLogger("agentgate.killswitch")
@@ -165,9 +165,5 @@ class KillSwitches:
 
     # -- loading ----------------------------------------------------------------------------
     async def refresh(self) -> None:
-        self.apply([KillSwitch.from_row(r) for r in await self.store.run(_fetch, self.store.database)])
-
-
-def _fetch(client: Any, db: str) -> list[dict[str, Any]]:
-    res = client.query(f"SELECT {', '.join(_COLUMN_NAMES)} FROM {db}.{KILLSWITCHES} FINAL")
-    return [dict(zip(_COLUMN_NAMES, r)) for r in res.result_rows]
+        rows = await self.store.run(latest_rows, self.store.database, KILLSWITCHES, _COLUMN_NAMES)
+        self.apply([KillSwitch.from_row(r) for r in rows])

@@ -8,6 +8,8 @@ every replica within the poll interval.
 
 from __future__ import annotations
 
+from typing import Any
+
 KILLSWITCHES = "killswitches"
 APPROVALS = "approvals"
 ADMIN_EVENTS = "admin_events"
@@ -79,3 +81,12 @@ def state_tables_ddl(database: str) -> list[str]:
         "ENGINE = MergeTree PARTITION BY toDate(ts) ORDER BY (ts, actor)\n"
         "COMMENT 'Every admin action and refused admin attempt'",
     ]
+
+
+def latest_rows(client: Any, database: str, table: str, names: tuple[str, ...],
+                where: str = "") -> list[dict[str, Any]]:
+    """The latest version of every record of a state table (``FINAL``), as dicts.
+
+    A store call (module-level: it may run in the store process)."""
+    sql = f"SELECT {', '.join(names)} FROM {database}.{table} FINAL" + (f" WHERE {where}" if where else "")
+    return [dict(zip(names, r)) for r in client.query(sql).result_rows]

@@ -82,11 +82,11 @@ def _serve(conn: Connection, opener: Callable[[], tuple[Any, Any]]) -> None:
 
 
 # -c, not -m: the storage package imports this module, and runpy warns about running it with -m.
-_CHILD_MAIN = "import sys; from storage.store_process import _main; _main(int(sys.argv[1]))"
+CHILD_MAIN = "import sys; from storage.store_process import _main; _main(int(sys.argv[1]))"
 
 
 def _main(fd: int) -> None:
-    """The child's entry (``_CHILD_MAIN``): the opener arrives first on the socket FD."""
+    """The child's entry (``CHILD_MAIN``): the opener arrives first on the socket FD."""
     conn = Connection(fd)
     try:
         opener = conn.recv()
@@ -108,7 +108,7 @@ class StoreProcess:
         ours, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _CHILD_MAIN, str(theirs.fileno())],
+                [sys.executable, "-c", CHILD_MAIN, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         finally:
             theirs.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from storage.state_schema import ADMIN_EVENT_COLUMNS, ADMIN_EVENTS
-from storage.store import Store, StoreError, insert_rows
+from storage.store import QueryError, Store, StoreError, insert_rows
 from tests.storage_helpers import dsn
 
 
@@ -22,7 +23,6 @@ def _pid(client, db: str) -> int:  # type: ignore[no-untyped-def]
 
 
 def _event(n: int) -> tuple:  # type: ignore[type-arg]
-    import datetime as dt
     return (dt.datetime.now(dt.timezone.utc), "ops", ["operator"], "test", f"t{n}", "", "ok", "", "gw")
 
 
@@ -60,7 +60,6 @@ async def test_errors_come_back_as_the_clients_errors(tmp_path: Path) -> None:
     store = Store(dsn(tmp_path / "ch"), process=True)
     await store.open()
     try:
-        from storage.store import QueryError
         with pytest.raises(QueryError, match="UNKNOWN_TABLE|Unknown table"):
             await store.query_readonly("SELECT * FROM agentgate.no_such_table", limit=5)
         columns, rows = await store.query_readonly("SELECT 1 AS one", limit=5)
