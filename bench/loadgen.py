@@ -30,6 +30,11 @@ class Target:
     proxy_headers: dict[str, str] | None = None
     ssl: ssl.SSLContext | None = None
     """Trust for HTTPS URLs (the upstream's CA, or the proxy's interception CA)."""
+    fresh_paths: str | None = None
+    """Set: request ``i`` goes to ``url + fresh_paths + str(i)``, a path never sent before."""
+
+    def url_for(self, index: int | str) -> str:
+        return self.url if self.fresh_paths is None else f"{self.url}{self.fresh_paths}{index}"
 
     def request_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"headers": self.headers}
@@ -86,7 +91,7 @@ async def run_load(target: Target, *, connections: int, max_requests: int, max_s
             if t0 >= deadline:
                 return
             try:
-                async with session.request(target.method, target.url, **kwargs) as resp:
+                async with session.request(target.method, target.url_for(index), **kwargs) as resp:
                     await resp.read()
                     status = resp.status
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -111,5 +116,5 @@ async def run_load(target: Target, *, connections: int, max_requests: int, max_s
 
 async def fetch(session: aiohttp.ClientSession, target: Target) -> tuple[int, dict[str, str], bytes]:
     """One request (probes and audit-lag samples)."""
-    async with session.request(target.method, target.url, **target.request_kwargs()) as resp:
+    async with session.request(target.method, target.url_for("probe"), **target.request_kwargs()) as resp:
         return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()

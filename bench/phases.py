@@ -55,7 +55,8 @@ class Scenario:
         if trace:
             headers["X-Agent-Session"] = trace
         return loadgen.Target(url=self.url, method=self.workload.method, body=self.workload.body,
-                              headers=headers, proxy=self.proxy, proxy_headers=self.proxy_headers, ssl=self.ssl)
+                              headers=headers, proxy=self.proxy, proxy_headers=self.proxy_headers, ssl=self.ssl,
+                              fresh_paths=f"{trace or 'bench'}-" if self.workload.new_path_each_time else None)
 
 
 def trace_id(scenario: Scenario, phase: str) -> str:
@@ -69,7 +70,8 @@ async def run_phase(env: Env, scenario: Scenario, *, connections: int, requests:
         scheme, _, rest = target.url.partition("://")
         host, slash, path = rest.partition("/")
         return await wrk.run_wrk(f"{scheme}://{host}", method=target.method, path=slash + path,
-                                 headers=target.headers, body=target.body, connections=connections,
+                                 headers=target.headers, body=target.body, fresh_paths=target.fresh_paths,
+                                 connections=connections,
                                  max_requests=requests, max_seconds=seconds, script_dir=env.workdir,
                                  cpus=env.pinning.load)
     return await loadgen.run_load(target, connections=connections, max_requests=requests,
@@ -80,7 +82,7 @@ async def audit_stats(env: Env, trace: str) -> dict[str, Any]:
     """Decision latency and the gateway's own time from the audit rows of one phase."""
     assert env.gateway is not None
     rows = await env.gateway.sql(env.session, (
-        "SELECT count() AS rows, countIf(outcome = 'allowed') AS allowed, "
+        "SELECT count() AS rows, countIf(outcome = 'allowed') AS allowed, uniqExact(path) AS paths, "
         "quantileExact(0.5)(decision_us) AS decision_p50_us, "
         "quantileExact(0.99)(decision_us) AS decision_p99_us, max(decision_us) AS decision_max_us, "
         "quantileExact(0.5)(gateway_ms) AS gateway_p50_ms, quantileExact(0.99)(gateway_ms) AS gateway_p99_ms "

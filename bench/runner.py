@@ -22,9 +22,9 @@ from bench.options import Options
 from bench.phases import Env, Scenario, measure, with_ratio
 from bench.profile import profile_gateway
 from bench.redact_large import LargeScenarios, measure_large
-from bench.workloads import GET, POST, TICKET, TICKET_EMAIL, Workload, bulk_path
+from bench.workloads import GET, GET_NEW, POST, POST_NEW, TICKET, TICKET_EMAIL, Workload, bulk_path
 
-GATEWAY_CONFIGS = {"route", "redact", "redact-large", "forward", "lag"}
+GATEWAY_CONFIGS = {"route", "route-new", "redact", "redact-large", "forward", "lag"}
 
 
 class Upstream:
@@ -79,6 +79,9 @@ class Run:
         if config == "route":
             return [Scenario("route", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid, audited=True,
                              baseline="direct") for w in (GET, POST)]
+        if config == "route-new":
+            return [Scenario("route-new", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid,
+                             audited=True, baseline="direct") for w in (GET_NEW, POST_NEW)]
         if config == "redact":
             return [Scenario("redact", TICKET, gw.route_url(TICKET.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid,
                              audited=True, baseline="direct")]

@@ -62,6 +62,7 @@ def make_app() -> web.Application:
     app = web.Application(client_max_size=8 << 20)
     app.router.add_get("/items/{id}", item)
     app.router.add_post("/echo", echo)
+    app.router.add_post("/echo/{id}", echo)
     app.router.add_get("/tickets/{id}", ticket)
     app.router.add_get("/bulk/{size}", bulk)
     return app

@@ -25,6 +25,8 @@ class Workload:
     path: str
     """Upstream path; route mode prefixes ``/r/<route>``."""
     body: bytes = b""
+    new_path_each_time: bool = False
+    """Every request goes to ``path`` + a number never sent before (so no decision is reused)."""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -33,6 +35,8 @@ class Workload:
 
 GET = Workload("get", "GET", "/items/42")
 POST = Workload("post", "POST", "/echo", POST_BODY)
+GET_NEW = Workload("get", "GET", "/items/", new_path_each_time=True)
+POST_NEW = Workload("post", "POST", "/echo/", POST_BODY, new_path_each_time=True)
 TICKET = Workload("ticket", "GET", "/tickets/1")
 """A retrieval the example policy redacts (``ticket_read``: route demo, GET /tickets/...)."""
 

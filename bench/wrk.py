@@ -24,6 +24,7 @@ wrk.method = %(method)s
 wrk.path = %(path)s
 %(headers)s
 %(body)s
+%(request)s
 local limit = %(limit)d
 local count = 0
 function response(status, headers, body)
@@ -57,8 +58,20 @@ def _lua_string(s: str | bytes) -> str:
     return f"[{eq}[{text}]{eq}]"
 
 
-def lua_script(method: str, path: str, headers: dict[str, str], body: bytes, per_thread_limit: int) -> str:
+FRESH_PATHS = r"""
+local fresh_count = 0
+function request()
+  fresh_count = fresh_count + 1
+  return wrk.format(nil, %s .. fresh_count)
+end
+"""
+
+
+def lua_script(method: str, path: str, headers: dict[str, str], body: bytes, per_thread_limit: int,
+               fresh_paths: str | None = None) -> str:
+    """``fresh_paths``: request ``i`` goes to ``path + fresh_paths + i`` (one wrk thread)."""
     return LUA % {
+        "request": FRESH_PATHS % _lua_string(path + fresh_paths) if fresh_paths is not None else "",
         "method": _lua_string(method),
         "path": _lua_string(path),
         "headers": "\n".join(f"wrk.headers[ {_lua_string(k)} ] = {_lua_string(v)}" for k, v in headers.items()),
@@ -68,14 +81,14 @@ def lua_script(method: str, path: str, headers: dict[str, str], body: bytes, per
 
 
 async def run_wrk(base_url: str, *, method: str, path: str, headers: dict[str, str], body: bytes,
-                  connections: int, max_requests: int, max_seconds: float, script_dir: Path,
+                  fresh_paths: str | None = None, connections: int, max_requests: int, max_seconds: float, script_dir: Path,
                   cpus: set[int] | None, threads: int = 1) -> LoadResult:
     exe = wrk_path()
     if exe is None:
         raise RuntimeError("wrk is not installed")
-    threads = max(1, min(threads, connections))
+    threads = 1 if fresh_paths is not None else max(1, min(threads, connections))
     script = script_dir / f"wrk-{os.getpid()}-{id(headers)}.lua"
-    script.write_text(lua_script(method, path, headers, body, math.ceil(max_requests / threads)))
+    script.write_text(lua_script(method, path, headers, body, math.ceil(max_requests / threads), fresh_paths))
     seconds = max(1, math.ceil(max_seconds))
     proc = await asyncio.create_subprocess_exec(
         exe, "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",

@@ -27,7 +27,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_forever(cfg))
+    loop_factory = None
+    if cfg.event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve_forever(cfg))
     return 0
 
 

@@ -451,9 +451,30 @@ class _OpenCall:
 
 @dataclasses.dataclass(slots=True)
 class _Batch:
-    rows: list[tuple[Any, ...]]
+    parts: list[tuple[tuple[str, ...], list[bytes]]]
+    """Row payloads as spooled, with the columns of the segment that holds them."""
+    count: int
     end: Pos
     token: str
+
+
+def insert_spooled(client: Any, database: str, parts: list[tuple[tuple[str, ...], list[bytes]]],
+                   settings: dict[str, Any] | None = None) -> dict[str, tuple[int, str]]:
+    """Decode spooled row payloads and insert them (one INSERT); the chain head of each instance.
+
+    Runs where the store runs its calls: for embedded chDB, in the store process, so decoding
+    (the shipper's main CPU cost) stays off the proxy's core.
+    """
+    rows: list[tuple[Any, ...]] = []
+    for columns, payloads in parts:
+        decode = _decoder(list(columns))
+        rows.extend(decode(p) for p in payloads)
+    _insert(client, database, rows, settings)
+    heads: dict[str, tuple[int, str]] = {}
+    for row in rows:
+        if row[SEQ] > 0:
+            heads[row[INSTANCE]] = (int(row[SEQ]), str(row[ROW_HASH]))
+    return heads
 
 
 class AuditSpool:
@@ -954,20 +975,25 @@ class AuditSpool:
             assert self._ship_io is not None
             batch = await loop.run_in_executor(self._ship_io, self._read_batch, self._synced,
                                                dict(self._sizes))
-            if batch.rows and not await self._insert(batch):
-                return  # closing with the store down: the spool keeps the rows
-            await self._commit(batch)
+            heads: dict[str, tuple[int, str]] = {}
+            if batch.count:
+                inserted = await self._insert(batch)
+                if inserted is None:
+                    return  # closing with the store down: the spool keeps the rows
+                heads = inserted
+            await self._commit(batch, heads)
 
     def _read_batch(self, limit: Pos, sizes: dict[int, int]) -> _Batch:
         """Read records from the read position up to ``limit`` (blocking, shipper thread).
 
         A segment is read up to the size the writer recorded for it (what it wrote and
         synced), never to whatever else the file may hold."""
-        rows: list[tuple[Any, ...]] = []
+        parts: list[tuple[tuple[str, ...], list[bytes]]] = []
+        count = 0
         digest = hashlib.sha256()
         pos = self._read_pos
         segs = sorted(sizes)
-        while pos < limit and len(rows) < self.batch_size:
+        while pos < limit and count < self.batch_size:
             seg, off = pos
             if seg not in sizes:
                 later = [s for s in segs if s > seg]
@@ -982,7 +1008,8 @@ class AuditSpool:
                 log.error("audit spool segment %s has no valid header: skipped", path.name)
                 pos = (seg + 1, 0) if seg < limit[0] else limit
                 continue
-            decode = _decoder(columns)
+            payloads: list[bytes] = []
+            parts.append((tuple(columns), payloads))
             scan = ScanResult()
             full = False
             for kind, cid, payload, roff, rend in iter_records(path, off, end, scan):
@@ -992,10 +1019,11 @@ class AuditSpool:
                 elif kind == COMPLETE:
                     self._ship_open.pop(cid, None)
                     if (seg, roff) >= self._skip_before:
-                        rows.append(decode(payload))
+                        payloads.append(payload)
+                        count += 1
                         digest.update(payload)
                 pos = (seg, rend)
-                if len(rows) >= self.batch_size:
+                if count >= self.batch_size:
                     full = True
                     break
             if full:
@@ -1008,10 +1036,10 @@ class AuditSpool:
                 pos = (seg + 1, 0)
             else:
                 pos = limit
-        return _Batch(rows, pos, digest.hexdigest())
+        return _Batch([part for part in parts if part[1]], count, pos, digest.hexdigest())
 
-    async def _insert(self, batch: _Batch) -> bool:
-        """Insert until it succeeds; False if closing cut the retries short."""
+    async def _insert(self, batch: _Batch) -> dict[str, tuple[int, str]] | None:
+        """Insert until it succeeds (the batch's chain heads); None if closing cut the retries short."""
         delay = self.retry_min_seconds
         attempt = 0
         settings = {"insert_deduplication_token": f"agentgate-spool-{batch.token}"}
@@ -1021,27 +1049,26 @@ class AuditSpool:
             try:
                 if not store.is_open:
                     await store.open()
-                await store.run(_insert, store.database, batch.rows, settings)
+                heads = await store.run(insert_spooled, store.database, batch.parts, settings)
                 self._store_ok = True
-                return True
+                return heads
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._store_ok = False
                 self._failed_batches += 1
-                self._log_error("insert", f"audit insert of {len(batch.rows)} row(s) failed (attempt {attempt}, "
+                self._log_error("insert", f"audit insert of {batch.count} row(s) failed (attempt {attempt}, "
                                           f"{self.depth} row(s) spooled, retrying): {_describe(exc)}")
             if self._closing and time.monotonic() >= self._close_deadline:
-                return False
+                return None
             await self._sleep(delay)
             delay = min(delay * 2, self.MAX_BACKOFF_SECONDS)
 
-    async def _commit(self, batch: _Batch) -> None:
+    async def _commit(self, batch: _Batch, shipped: dict[str, tuple[int, str]]) -> None:
         """Record the position (durably) and delete segments nothing points into any more."""
         heads = self._shipped_state.heads
-        for row in batch.rows:
-            if row[SEQ] > 0:
-                heads[row[INSTANCE]] = Head(int(row[SEQ]), str(row[ROW_HASH]))
+        for instance, (seq, row_hash) in shipped.items():
+            heads[instance] = Head(seq, row_hash)
         self._read_pos = batch.end
         resume = next(iter(self._ship_open.values()), batch.end)
         state = SpoolState(batch.end, resume, dict(heads))
@@ -1055,9 +1082,9 @@ class AuditSpool:
             for seg in obsolete:
                 self._disk_bytes -= self._sizes.pop(seg, 0)
         self._shipped_state = state
-        self._rows_pending -= len(batch.rows)
-        self._written += len(batch.rows)
-        if batch.rows:
+        self._rows_pending -= batch.count
+        self._written += batch.count
+        if batch.count:
             self._batches += 1
         keep = []
         for end, fut in self._ship_waiters:

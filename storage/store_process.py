@@ -82,11 +82,18 @@ def _serve(conn: Connection, opener: Callable[[], tuple[Any, Any]]) -> None:
 
 
 # -c, not -m: the storage package imports this module, and runpy warns about running it with -m.
-CHILD_MAIN = "import sys; from storage.store_process import _main; _main(int(sys.argv[1]))"
+CHILD_MAIN = "import sys; from storage.store_process import _main; _main(int(sys.argv[1]), int(sys.argv[2]))"
+
+NICENESS = 10
+"""The store process's CPU priority below the proxy's: where they share a core, request handling
+goes first and inserts wait (the spool holds the rows meanwhile). Set before chDB starts its
+threads, which inherit it."""
 
 
-def _main(fd: int) -> None:
+def _main(fd: int, niceness: int = 0) -> None:
     """The child's entry (``CHILD_MAIN``): the opener arrives first on the socket FD."""
+    if niceness:
+        os.nice(niceness)
     conn = Connection(fd)
     try:
         opener = conn.recv()
@@ -108,7 +115,7 @@ class StoreProcess:
         ours, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD_MAIN, str(theirs.fileno())],
+                [sys.executable, "-c", CHILD_MAIN, str(theirs.fileno()), str(NICENESS)],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         finally:
             theirs.close()

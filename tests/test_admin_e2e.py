@@ -26,6 +26,9 @@ def test_health_and_readiness(gw: Gateway) -> None:
     assert doc["ready"] is True and doc["checks"] == {"policy": True, "audit": True, "store": True}
     assert doc["audit"]["depth"] >= 0 and doc["audit"]["spool_writable"] is True
     assert doc["policy_revision"]
+    assert doc["event_loop"] == "uvloop"  # the default event_loop setting
+    cache = doc["decision_cache"]
+    assert cache["enabled"] is True and cache["size"] == 4096 and cache["hits"] >= 0
 
 
 def test_metrics_count_outcomes_and_decisions(gw: Gateway, keys: Keys) -> None:
@@ -72,3 +75,23 @@ def test_audit_sql_row_limit_and_bad_input(gw: Gateway) -> None:
 def test_unknown_admin_path_is_json_404(gw: Gateway) -> None:
     resp = http("GET", f"http://{gw.admin}/nope")
     assert resp.status == 404 and resp.json()["error"]["code"] == "not_found"
+
+
+def test_repeated_calls_reuse_the_decision(gw: Gateway, keys: Keys) -> None:
+    def cache() -> dict:
+        return http("GET", f"http://{gw.admin}/readyz").json()["decision_cache"]
+
+    before = cache()
+    auth = {"Authorization": f"Bearer {keys.token()}"}
+    for _ in range(3):
+        assert http("GET", gw.route_url("plain", "/reused/decision"), headers=auth).status == 200
+    after = cache()
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 2
+
+
+def test_the_asyncio_event_loop_can_be_chosen(gateway_factory, upstream: Upstream, keys: Keys) -> None:
+    gw = gateway_factory({"event_loop": "asyncio", "routes": {"plain": {"upstream": upstream.url}}},
+                         name="asyncio-loop")
+    assert http("GET", f"http://{gw.admin}/readyz").json()["event_loop"] == "asyncio"
+    auth = {"Authorization": f"Bearer {keys.token()}"}
+    assert http("GET", gw.route_url("plain", "/ok"), headers=auth).status == 200

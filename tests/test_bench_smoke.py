@@ -19,9 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {("direct", "get"), ("direct", "post"), ("direct-tls", "get"), ("direct-tls", "post"),
-            ("route", "get"), ("route", "post"), ("redact", "ticket"), ("forward", "get"),
+            ("route", "get"), ("route", "post"), ("route-new", "get"), ("route-new", "post"), ("redact", "ticket"), ("forward", "get"),
             ("forward", "post"), ("mitm", "get"), ("mitm", "post")}
-GATEWAY = {"route", "redact", "forward"}
+GATEWAY = {"route", "route-new", "redact", "forward"}
 
 
 def _number(v: Any) -> bool:
@@ -61,6 +61,8 @@ def test_every_configuration_produced_numbers(smoke: tuple[dict[str, Any], str])
                 # wrk may leave a few requests in flight when it stops: rows >= responses counted.
                 assert audit["rows"] >= r[phase]["requests"] and audit["allowed"] == audit["rows"], (name, audit)
                 assert _number(audit["decision_p50_us"]) and _number(audit["decision_p99_us"]), (name, audit)
+                # route-new sends every request to a new path (no decision can be reused); route repeats one.
+                assert audit["paths"] == (audit["rows"] if r["config"] == "route-new" else 1), (name, audit)
         if r["config"] in ("forward", "mitm"):
             assert r["generator"] == "builtin"  # wrk cannot speak through a CONNECT proxy
             assert r["loaded"]["connections_opened"] <= 32 + 2, "keep-alive did not hold"
@@ -78,7 +80,7 @@ def test_lag_leak_redaction_and_targets_reported(smoke: tuple[dict[str, Any], st
     red = report["redaction"]
     assert red["status"] == 200 and isinstance(red["redaction_applied"], bool)
     assert any("redact" in reason for reason in red["audit"]["reasons"]), red  # the policy asked for it
-    assert len(report["targets"]) == 6
+    assert len(report["targets"]) == 10
     assert all(t["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and _number(t["value"]) for t in report["targets"])
     assert report["meta"]["pinning"]
     assert "| configuration | workload |" in md and "## Targets" in md

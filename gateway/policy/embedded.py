@@ -33,6 +33,8 @@ from watchfiles import awatch
 
 from gateway.policy import PolicyEvalError, PolicyLoadError, PolicyUndefinedError, decision_ref
 from gateway.policy.bundle import LoadedBundle, load_bundle, require_rule
+from gateway.policy.decision_cache import DecisionCache
+from gateway.policy.input_shape import InputShape, describe, project
 from gateway.policy.rego_input import NeedsJsonTerm, build_input, json_term
 
 if TYPE_CHECKING:
@@ -151,14 +153,20 @@ def format_rego_error(message: str, modules: dict[str, str] | None = None) -> st
 class CompiledPolicy:
     """One compiled bundle: an interpreter, its rego-cpp ``Bundle`` and entrypoints.
 
-    ``evaluate`` is serialised by a lock: an interpreter holds one input at a time.
+    ``evaluate`` is serialised by a lock: an interpreter holds one input at a time. The input
+    is cut down to what the bundle reads (``shape``), and with ``cache_size`` decisions are
+    reused for inputs already decided (gateway/policy/decision_cache.py) unless the bundle's
+    decisions can change between identical inputs (``shape.cache_blocker``).
     """
 
     def __init__(self, loaded: LoadedBundle, interp: Interpreter, bundle: Bundle,
-                 entrypoints: list[str]) -> None:
+                 entrypoints: list[str], *, cache_size: int = 0) -> None:
         self.loaded = loaded
         self.revision = loaded.revision
         self.entrypoints = tuple(entrypoints)
+        self.shape = InputShape.of(loaded.modules)
+        self.cache = DecisionCache(cache_size) if cache_size and self.shape.cache_blocker is None \
+            else None
         self._interp = interp
         self._bundle = bundle
         self._lock = threading.Lock()
@@ -167,7 +175,24 @@ class CompiledPolicy:
         """The value of ``entrypoint`` for ``input`` (``None``: leave the input unset).
 
         Raises :class:`PolicyUndefinedError` if undefined, :class:`PolicyEvalError` on errors.
+        The value may be shared with other calls (cached): callers must not modify it.
         """
+        if input is None:
+            return self._evaluate(entrypoint, None)
+        doc = project(input, self.shape.selection)
+        cache = self.cache
+        key = cache.key(entrypoint, doc) if cache is not None else None
+        if key is None:
+            return self._evaluate(entrypoint, doc)
+        with self._lock:
+            value = cache.get(key)
+        if value is None:
+            value = self._evaluate(entrypoint, doc)
+            with self._lock:
+                cache.put(key, value)
+        return value
+
+    def _evaluate(self, entrypoint: str, input: Any) -> Any:
         where = decision_ref(entrypoint)
         with self._lock:
             try:
@@ -252,10 +277,11 @@ def preflight(loaded: LoadedBundle, entrypoints: list[str]) -> None:
 
 
 def compile_bundle(loaded: LoadedBundle, entrypoints: list[str], *,
-                   check: bool = True) -> CompiledPolicy:
+                   check: bool = True, cache_size: int = 0) -> CompiledPolicy:
     """Compile ``loaded`` with a fresh interpreter (thread-safe: shares nothing).
 
-    ``check``: run :func:`preflight` first (turns a rego-cpp abort into a PolicyLoadError).
+    ``check``: run :func:`preflight` first (turns a rego-cpp abort into a PolicyLoadError);
+    ``cache_size``: decisions the compiled policy may keep (0: none).
     """
     if check:
         preflight(loaded, entrypoints)
@@ -270,7 +296,7 @@ def compile_bundle(loaded: LoadedBundle, entrypoints: list[str], *,
         raise PolicyLoadError(format_rego_error(str(exc), loaded.modules)) from None
     if not bundle.ok():
         raise PolicyLoadError("rego-cpp could not build the bundle")
-    return CompiledPolicy(loaded, interp, bundle, entrypoints)
+    return CompiledPolicy(loaded, interp, bundle, entrypoints, cache_size=cache_size)
 
 
 # --------------------------------------------------------------------------- engine
@@ -317,12 +343,35 @@ class EmbeddedEngine:
     def _compile(self) -> CompiledPolicy:
         loaded = load_bundle(self.cfg.dir, self.extra_data, include_tests=False)
         require_rule(loaded, self.entrypoint)
-        return compile_bundle(loaded, [self.entrypoint])
+        return compile_bundle(loaded, [self.entrypoint], cache_size=self.cfg.decision_cache_size)
 
     def _install(self, policy: CompiledPolicy) -> None:
         self._policy = policy
         self.revision = policy.revision
         self.ready = True
+        shape = policy.shape
+        reads = ", ".join(describe(shape.selection))
+        if policy.cache is not None:
+            log.info("policy %s reads %s; decisions are cached (up to %d)", policy.revision, reads,
+                     policy.cache.size)
+        else:
+            log.info("policy %s reads %s; decisions are not cached (%s)", policy.revision, reads,
+                     shape.cache_blocker or "policy.decision_cache_size = 0")
+
+    def cache_status(self) -> dict[str, Any]:
+        """For /readyz: whether decisions of the bundle in force are reused, and how often."""
+        policy = self._policy
+        cache = policy.cache if policy is not None else None
+        if cache is None:
+            reason = policy.shape.cache_blocker if policy is not None else "no bundle loaded"
+            return {"enabled": False, "reason": reason or "policy.decision_cache_size = 0"}
+        return {"enabled": True, "size": cache.size, "entries": len(cache), "hits": cache.hits,
+                "misses": cache.misses}
+
+    @property
+    def cache(self) -> DecisionCache | None:
+        """The decision cache of the bundle in force (None: not caching)."""
+        return self._policy.cache if self._policy is not None else None
 
     def load_sync(self) -> None:
         """Compile on the calling thread without watching (CLI ``policy eval``/``test``)."""
@@ -380,7 +429,8 @@ class EmbeddedEngine:
                 self.last_reload_error = None
                 return ReloadResult(ok=True, changed=False, revision=old.revision)
             require_rule(loaded, self.entrypoint)
-            policy = await asyncio.to_thread(compile_bundle, loaded, [self.entrypoint])
+            policy = await asyncio.to_thread(compile_bundle, loaded, [self.entrypoint],
+                                             cache_size=self.cfg.decision_cache_size)
         except PolicyLoadError as exc:
             self.last_reload_error = str(exc)
             log.error("policy bundle %s refused, keeping revision %s:\n%s",

@@ -57,7 +57,7 @@ mcp_call := {"usable": usable, "named": is_string(item), "entry": entry, "label"
 	use := mcp_use
 	key := use[2]
 	item := object.get(input.tool, key, null)
-	present(input.request)
+	present(input.request.method)
 	entry := object.get(data.gateway, ["mcp", system, use[0], item], {})
 	granted := {role | some role in input.agent.roles; mcp_may_use(entry, role)}
 	usable := granted != set()
