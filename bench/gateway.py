@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -150,7 +149,7 @@ def start_gateway(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca:
     parts = dict(p.split("=", 1) for p in child.ready_line.split(":", 1)[1].split())
     store_pid = procs.store_process(child.pid)
     if store_pid is not None and store_cpus:
-        os.sched_setaffinity(store_pid, store_cpus)
+        procs.pin_process(store_pid, store_cpus)
     return GatewayProcess(child=child, data_dir=Path(doc["data_dir"]), proxy=parts["proxy"],
                           routes=parts["routes"], admin=parts["admin"],
                           admin_token=keys.token("bench-responder", ["responder"]), store_pid=store_pid)

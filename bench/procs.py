@@ -63,6 +63,27 @@ def pin_self(cpus: set[int] | None) -> None:
         os.sched_setaffinity(0, cpus)
 
 
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of a running process (``sched_setaffinity(pid)`` moves only the thread
+    whose id is ``pid``: the others, and the threads they start later, would stay where they were)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except ProcessLookupError:
+            pass  # a thread that just ended
+
+
+def thread_affinities(pid: int) -> list[set[int]]:
+    """The CPU set of every thread of a process."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out.append(os.sched_getaffinity(int(task.name)))
+        except ProcessLookupError:
+            pass
+    return out
+
+
 @dataclass
 class Child:
     """A started child process whose stdout is drained by a thread (it never blocks on a pipe)."""

@@ -152,6 +152,10 @@ class Run:
             print(f"bench: the gateway did not start: {exc}", file=sys.stderr, flush=True)
             return None
         self.report["gateway_start_rss_mb"] = round(procs.memory_kb(gw.pid)["VmRSS"] / 1024, 1)
+        if gw.store_pid is not None:
+            self.report["meta"]["store_cpus"] = sorted(self.pinning.load) if self.pinning.load else None
+            self.report["meta"]["store_thread_cpus"] = sorted({tuple(sorted(cpus)) for cpus in
+                                                               procs.thread_affinities(gw.store_pid)})
         return gw
 
     async def _guard(self, what: str, step: Callable[[], Awaitable[None]]) -> None:

@@ -51,6 +51,8 @@ SEQ, PREV_HASH, ROW_HASH, INSTANCE, CALL_ID = (
     _IDX["seq"], _IDX["prev_hash"], _IDX["row_hash"], _IDX["gateway_instance"], _IDX["call_id"])
 
 Conv = Callable[[Any], Any]
+# json.dumps with arguments builds an encoder per call; one built once is the same encoding.
+compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 VERIFY_SETTINGS: dict[str, Any] = {"max_execution_time": 600}
 
 
@@ -76,6 +78,8 @@ def _f32(value: Any) -> float:
 
 
 def _text(value: Any) -> str:
+    if type(value) is str and value.isascii():
+        return value  # most values: nothing to replace
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", "replace")
     # Lone surrogates cannot be stored as UTF-8: replace them now so stored == hashed.
@@ -166,7 +170,7 @@ def canonical(row: tuple[Any, ...] | Mapping[str, Any]) -> bytes:
             c = canon(value)
             if c:  # "", 0, 0.0, [], the epoch, the nil UUID: the type's default is left out
                 doc[name] = c
-    return CHAIN_VERSION + b"\n" + json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return CHAIN_VERSION + b"\n" + compact_json(doc).encode("utf-8")
 
 
 def row_hash(row: tuple[Any, ...] | Mapping[str, Any]) -> str:

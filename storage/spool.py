@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage import schema
 from storage.audit import _describe, _insert, incomplete_row
-from storage.chain import CALL_ID, INSTANCE, ROW_HASH, SEQ, Chain, Head, last_head
+from storage.chain import CALL_ID, INSTANCE, ROW_HASH, SEQ, Chain, Head, compact_json, last_head
 
 if TYPE_CHECKING:
     from storage.store import Store
@@ -150,8 +150,7 @@ _ENCODERS = [e for e, _, _ in _CODECS]
 
 
 def encode_row(row: tuple[Any, ...]) -> bytes:
-    return json.dumps([f(v) for f, v in zip(_ENCODERS, row)], separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    return compact_json([f(v) for f, v in zip(_ENCODERS, row)]).encode("utf-8")
 
 
 def _decoder(columns: list[str]) -> Any:
@@ -518,7 +517,10 @@ class AuditSpool:
         self._pending_bytes = 0
         self._pending_cids: list[bytes] = []  # BEGINs in _pending (their segment is learned on write)
         self._begin_waiters: list[asyncio.Future[None]] = []
-        self._flushers: list[asyncio.Future[Pos]] = []
+        self._flushers: list[tuple[int, asyncio.Future[Pos]]] = []
+        """(records queued when the flusher asked, its future): released once that many are on disk."""
+        self._queued = 0  # records ever queued for writing
+        self._on_disk = 0  # of which written and synced
         self._open: dict[bytes, _OpenCall] = {}
         self._synced: Pos = (0, 0)
         self._sizes: dict[int, int] = {}
@@ -691,6 +693,7 @@ class AuditSpool:
 
     def _append(self, rec: bytes, *, begin_cid: bytes | None = None,
                 waiter: asyncio.Future[None] | None = None) -> None:
+        self._queued += 1
         self._pending.append(rec)
         self._pending_bytes += len(rec)
         if begin_cid is not None:
@@ -777,7 +780,7 @@ class AuditSpool:
     async def _durable(self) -> Pos:
         """Sync everything queued so far; the end of the spool once it is on disk."""
         fut: asyncio.Future[Pos] = asyncio.get_running_loop().create_future()
-        self._flushers.append(fut)
+        self._flushers.append((self._queued, fut))
         self._wake_writer.set()
         return await fut
 
@@ -858,7 +861,7 @@ class AuditSpool:
         for fut in self._begin_waiters:
             if not fut.done():
                 fut.set_exception(SpoolWriteError("audit spool closed"))
-        for fut in [*self._flushers, *(f for _, f in self._ship_waiters)]:
+        for fut in [*(f for _, f in self._flushers), *(f for _, f in self._ship_waiters)]:
             fut.cancel()
         self._begin_waiters, self._flushers, self._ship_waiters = [], [], []
         if self._log is not None and self._io is not None:
@@ -909,6 +912,7 @@ class AuditSpool:
                 self._wake_writer.clear()  # completes only: let them gather, unless a begin comes
                 await _wait_event(self._wake_writer, self.flush_interval_seconds)
             data = b"".join(self._pending)
+            queued = self._queued  # every record queued so far is in data
             cids, waiters = self._pending_cids, self._begin_waiters
             self._pending, self._pending_bytes, self._pending_cids, self._begin_waiters = [], 0, [], []
             assert self._log is not None and self._io is not None
@@ -931,6 +935,7 @@ class AuditSpool:
                 continue
             delay = self.retry_min_seconds
             self._write_ok = True
+            self._on_disk = queued
             self._disk_bytes += end - self._sizes.get(seg, 0)
             self._sizes[seg] = end
             self._synced = (seg, end)
@@ -947,10 +952,15 @@ class AuditSpool:
                 self._ship_now.set()
 
     def _release_flushers(self) -> None:
-        flushers, self._flushers = self._flushers, []
-        for fut in flushers:
-            if not fut.done():
+        """Resolve the flushers whose records are all on disk (a flusher that came while a
+        write was in flight waits for the next one, which carries the records it came after)."""
+        keep = []
+        for target, fut in self._flushers:
+            if target > self._on_disk:
+                keep.append((target, fut))
+            elif not fut.done():
                 fut.set_result(self._synced)
+        self._flushers = keep
 
     async def _sleep(self, seconds: float) -> None:
         """Back off, cut short by close() or a new store."""

@@ -83,6 +83,8 @@ def test_lag_leak_redaction_and_targets_reported(smoke: tuple[dict[str, Any], st
     assert len(report["targets"]) == 10
     assert all(t["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and _number(t["value"]) for t in report["targets"])
     assert report["meta"]["pinning"]
+    if report["meta"].get("store_cpus"):  # every thread of the store process, not just its first
+        assert report["meta"]["store_thread_cpus"] == [report["meta"]["store_cpus"]]
     assert "| configuration | workload |" in md and "## Targets" in md
     for config, workload in EXPECTED:
         assert f"| {config} | {workload} |" in md

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,39 @@ async def test_group_commit_shares_fsyncs(store: Store, tmp_path: Path, monkeypa
         await sp.flush(timeout=10)
         assert (sp.depth, sp.written, sp.dropped) == (0, 64, 0)
     finally:
+        await sp.close()
+
+
+async def test_flush_covers_rows_recorded_while_a_write_is_on_disk(store: Store, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row recorded while an earlier write is still syncing, then flush(): flush returns only
+    once that row too is in the store (it once returned with the earlier write's position, and
+    the admin API's freshness flush then missed the newest rows)."""
+    entered, release = threading.Event(), threading.Event()
+    real = spool_mod._fdatasync
+
+    def held(fd: int) -> None:
+        entered.set()
+        release.wait(10)
+        real(fd)
+
+    sp = spool(store, tmp_path, flush_interval_seconds=60)
+    await sp.start()
+    try:
+        monkeypatch.setattr(spool_mod, "_fdatasync", held)
+        first, second = row(), row()
+        sp.submit(first)
+        first_flush = asyncio.ensure_future(sp.flush(timeout=10))
+        assert await asyncio.to_thread(entered.wait, 10)  # the first write is syncing now
+        sp.submit(second)
+        second_flush = asyncio.ensure_future(sp.flush(timeout=10))
+        monkeypatch.setattr(spool_mod, "_fdatasync", real)
+        release.set()
+        await second_flush
+        assert set(await ids_by_seq(store)) == {first[COL["call_id"]], second[COL["call_id"]]}
+        await first_flush
+    finally:
+        release.set()
         await sp.close()
 
 
