@@ -1,4 +1,5 @@
-"""Leak check: the gateway's RSS after N route-mode requests against its RSS after N/10.
+"""Leak check: the gateway's RSS after N route-mode requests against its RSS after N/10
+(``--leak-config route-new``: every one a new path, so every decision is evaluated).
 
 The first tenth doubles as warm-up (caches, pools, allocator arenas fill); growth over the
 other nine tenths that does not level off points at per-request retention.

@@ -31,6 +31,7 @@ class Options:
     leak_seconds: float = 3_600.0
     profile_seconds: float = 0.0
     profile_config: str = "route"
+    leak_config: str = "route"
     keep: bool = False
     large_bytes: int = 1_000_000
     """redact-large: size of the JSON response (bytes)."""
@@ -80,6 +81,8 @@ def parse(argv: list[str] | None = None) -> Options:
                    help="leak mode: gateway RSS after N route requests vs after N/10 (runs only that)")
     p.add_argument("--leak-requests", type=int, default=1_000_000, help="N of --leak (default 1000000)")
     p.add_argument("--leak-seconds", type=float, default=3_600.0, help="time bound of --leak (default 3600)")
+    p.add_argument("--leak-config", choices=("route", "route-new"), default="route",
+                   help="the configuration --leak loads (default route; route-new: every decision evaluated)")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="also profile the gateway under load with py-spy for SECONDS")
     p.add_argument("--profile-config", choices=("route", "forward"), default="route",
@@ -104,7 +107,7 @@ def parse(argv: list[str] | None = None) -> Options:
                    only=tuple(c for c in CONFIGS if c in only), smoke=a.smoke, generator=a.generator,
                    pin=a.pin, out=a.out, lag_rate=a.lag_rate, lag_seconds=a.lag_seconds, leak=a.leak,
                    leak_requests=a.leak_requests, leak_seconds=a.leak_seconds, profile_seconds=a.profile,
-                   profile_config=a.profile_config,
+                   profile_config=a.profile_config, leak_config=a.leak_config,
                    keep=a.keep, leak_only=a.leak and not a.smoke, large_bytes=a.large_bytes,
                    large_requests=a.large_requests, small_connections=a.small_connections)
     if opts.smoke:

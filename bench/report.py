@@ -217,7 +217,7 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("leak"):
         lk = report["leak"]
         out += ["## Leak check", "",
-                f"Route GET, {lk['generator']}: RSS {lk['rss_after_first_mb']} MB after {lk['requests_first']:,} "
+                f"{lk['config']} GET, {lk['generator']}: RSS {lk['rss_after_first_mb']} MB after {lk['requests_first']:,} "
                 f"requests, {lk['rss_after_total_mb']} MB after {lk['requests_total']:,} (×{lk['rss_ratio']}, "
                 f"{lk['growth_mb']} MB, {lk['growth_bytes_per_request']} bytes/request over the last nine tenths)"
                 f"{'' if lk['complete'] else ' — stopped by the time bound before N'}.", ""]

@@ -239,7 +239,7 @@ class Run:
 
     async def _leak(self, env: Env, gw: GatewayProcess | None) -> None:
         assert gw is not None
-        self.report["leak"] = leak = await leak_check(env, self.scenarios("route", gw)[0])
+        self.report["leak"] = leak = await leak_check(env, self.scenarios(self.opts.leak_config, gw)[0])
         print(f"bench: leak check: RSS {leak['rss_after_first_mb']} MB after {leak['requests_first']} requests, "
               f"{leak['rss_after_total_mb']} MB after {leak['requests_total']}", flush=True)
 
