@@ -14,6 +14,7 @@ in flight raises :class:`StoreError` and the store counts as closed; the next ``
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -47,6 +48,18 @@ def _portable(exc: BaseException) -> BaseException:
         return _RemoteError(f"{type(exc).__name__}: {exc}")
 
 
+_FREEZE_AFTER_CALLS = frozenset({1, 10, 100})
+"""The first inserts and queries import more of clickhouse-connect, numpy and pandas."""
+
+
+def _freeze_heap() -> None:
+    """Keep the long-lived objects (chDB, clickhouse-connect, numpy, pandas ...) out of the
+    cyclic GC's scans: without this each full collection walked them all, a CPU burst of several
+    ms per insert cycle that delays whatever shares the store process's core."""
+    gc.collect()
+    gc.freeze()
+
+
 def _serve(conn: Connection, opener: Callable[[], tuple[Any, Any]]) -> None:
     """The child: open both clients, then run calls until the parent closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway's Ctrl-C is the gateway's to handle
@@ -56,6 +69,8 @@ def _serve(conn: Connection, opener: Callable[[], tuple[Any, Any]]) -> None:
         conn.send((False, _portable(exc)))
         return
     conn.send((True, os.getpid()))
+    _freeze_heap()
+    served = 0
     try:
         while True:
             try:
@@ -73,6 +88,9 @@ def _serve(conn: Connection, opener: Callable[[], tuple[Any, Any]]) -> None:
                 conn.send(result)
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
                 conn.send((False, _RemoteError(f"store call result not transferable: {exc}")))
+            served += 1
+            if served in _FREEZE_AFTER_CALLS:
+                _freeze_heap()
     finally:
         for client in clients.values():
             try:
@@ -82,18 +100,26 @@ def _serve(conn: Connection, opener: Callable[[], tuple[Any, Any]]) -> None:
 
 
 # -c, not -m: the storage package imports this module, and runpy warns about running it with -m.
-CHILD_MAIN = "import sys; from storage.store_process import _main; _main(int(sys.argv[1]), int(sys.argv[2]))"
-
-NICENESS = 10
-"""The store process's CPU priority below the proxy's: where they share a core, request handling
-goes first and inserts wait (the spool holds the rows meanwhile). Set before chDB starts its
-threads, which inherit it."""
+CHILD_MAIN = "import sys; from storage.store_process import _main; _main(int(sys.argv[1]), sys.argv[2] == '1')"
 
 
-def _main(fd: int, niceness: int = 0) -> None:
+def run_in_background() -> None:
+    """Lower this process to SCHED_IDLE (nice 19 where that is refused): where it shares a core
+    with the proxy, or anything else, a woken task runs at once. An insert is a CPU burst of
+    several ms; at nice 10 the scheduler (EEVDF) let it finish its slice first, and calls on
+    that core waited 2-4 ms (perf sched, bench). When every core is busy, inserts wait: the
+    spool holds the rows and the audit lag grows until the load drops. Set before chDB starts
+    its threads, which inherit it."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        os.nice(19)
+
+
+def _main(fd: int, background: bool = False) -> None:
     """The child's entry (``CHILD_MAIN``): the opener arrives first on the socket FD."""
-    if niceness:
-        os.nice(niceness)
+    if background:
+        run_in_background()
     conn = Connection(fd)
     try:
         opener = conn.recv()
@@ -115,7 +141,7 @@ class StoreProcess:
         ours, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD_MAIN, str(theirs.fileno()), str(NICENESS)],
+                [sys.executable, "-c", CHILD_MAIN, str(theirs.fileno()), "1"],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         finally:
             theirs.close()
