@@ -136,10 +136,9 @@ class AdminApi:
         audit_ok = bool(audit["spool_writable"]) and not (audit["required"] and audit["full"])
         checks = {"policy": bool(self.engine.ready), "audit": audit_ok, "store": store_ok}
         ready = checks["policy"] and checks["audit"]
-        cache_status = getattr(self.engine, "cache_status", None)
         return web.json_response(
             {"ready": ready, "checks": checks, "policy_revision": self.engine.revision, "audit": audit,
-             "decision_cache": cache_status() if cache_status else None,
+             "decision_cache": self.engine.cache_status(),
              "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]},
             status=200 if ready else 503)
 

@@ -225,6 +225,10 @@ async def test_engines_give_identical_decisions(embedded: EmbeddedEngine, opa: O
     assert by_agent[("/big", "alice")]["allow"] is True
     assert embedded.decisions == len(INPUTS) and 0 < embedded.mean_eval_us < 5000
     assert all("?provenance=true" in p for m, p in opa_fixture.requests if m == "POST")
+    # Both report their decision cache for /readyz; only the embedded engine has one.
+    assert embedded.cache_status()["enabled"] is True
+    assert opa.cache_status() == {"enabled": False,
+                                  "reason": "the OPA engine sends every input to the server"}
 
 
 @pytest.mark.parametrize("kind", ["embedded", "opa"])

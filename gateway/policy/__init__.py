@@ -40,6 +40,10 @@ class PolicyEngine(Protocol):
 
     async def evaluate(self, input: dict[str, Any]) -> Any: ...
 
+    def cache_status(self) -> dict[str, Any]:
+        """For /readyz: ``{"enabled": bool, ...}``, whether decisions are reused and why not."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -368,11 +368,6 @@ class EmbeddedEngine:
         return {"enabled": True, "size": cache.size, "entries": len(cache), "hits": cache.hits,
                 "misses": cache.misses}
 
-    @property
-    def cache(self) -> DecisionCache | None:
-        """The decision cache of the bundle in force (None: not caching)."""
-        return self._policy.cache if self._policy is not None else None
-
     def load_sync(self) -> None:
         """Compile on the calling thread without watching (CLI ``policy eval``/``test``)."""
         self._install(self._compile())

@@ -79,6 +79,9 @@ class OpaEngine:
         self._timeout = aiohttp.ClientTimeout(total=cfg.timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
 
+    def cache_status(self) -> dict[str, Any]:
+        return {"enabled": False, "reason": "the OPA engine sends every input to the server"}
+
     async def start(self) -> None:
         """Check ``/health``, push ``extra_data`` into OPA's data, read the bundle revision.
 
