@@ -8,6 +8,7 @@ the upstream receives exactly what policy judged.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from urllib.parse import parse_qs, unquote_to_bytes
@@ -31,6 +32,11 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _PATH_RAW = _UNRESERVED | frozenset(b"!$&'()*+,;=:@/")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _MAX_DECODE_ROUNDS = 8
+# Both canonical forms are pure functions of their input and agents call the same few hosts and
+# endpoints again and again: results are memoised (refusals are not: they raise). Only short
+# inputs are kept, so the caches stay a few MB whatever agents send.
+_MEMO_ENTRIES = 4096
+_MEMO_MAX_LEN = 256
 
 
 def _is_control(ch: str) -> bool:
@@ -110,13 +116,8 @@ def _label(host: str, label: str) -> str:
     return label
 
 
-def canonical_host(host: str) -> str:
-    """Lower-case, IDNA (UTS-46, non-transitional) A-label form without a trailing dot.
-
-    IPv6 literals come back without brackets in compressed form (``[::1]`` -> ``::1``);
-    numeric IPv4 spellings and IPv4-mapped IPv6 addresses come back as dotted-quad.
-    Raises ``BadRequest(code="invalid_host")``.
-    """
+def _canonical_host(host: str) -> str:
+    """The uncached computation of :func:`canonical_host`."""
     if not isinstance(host, str) or not host:
         raise BadRequest("missing host", code="invalid_host")
     if len(host) > 1024:
@@ -252,15 +253,8 @@ def _check_segment(raw: str, segment: str) -> None:
         raise _ambiguous(raw, f"dot-segment in disguise ({segment!r})")
 
 
-def canonical_path(raw: str) -> tuple[str, list[str]]:
-    """Canonical form of a raw request path (no query) and its decoded, non-empty segments.
-
-    Unreserved escapes are decoded and other escapes upper-cased (RFC 3986 §6.2.2), slashes
-    collapsed, dot-segments resolved (§5.2.4), a trailing slash kept. Raises
-    ``BadRequest`` with ``invalid_path`` (not an absolute path, malformed escape, control
-    character, not UTF-8) or ``ambiguous_path`` (encoded ``/`` ``\\`` or NUL, backslash,
-    a disguised ``..``).
-    """
+def _canonical_path(raw: str) -> tuple[str, tuple[str, ...]]:
+    """The uncached computation of :func:`canonical_path`."""
     if not isinstance(raw, str) or not raw.startswith("/"):
         shown = raw[:200] if isinstance(raw, str) else raw
         raise BadRequest(f"invalid path {shown!r}: must start with '/'", code="invalid_path")
@@ -278,7 +272,39 @@ def canonical_path(raw: str) -> tuple[str, list[str]]:
         except UnicodeDecodeError:
             raise BadRequest(f"invalid path {raw[:200]!r}: not UTF-8 after percent-decoding",
                              code="invalid_path") from None
-    return path, segments
+    return path, tuple(segments)
+
+
+_host_memo = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_canonical_host)
+_path_memo = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_canonical_path)
+
+
+def canonical_host(host: str) -> str:
+    """Lower-case, IDNA (UTS-46, non-transitional) A-label form without a trailing dot.
+
+    IPv6 literals come back without brackets in compressed form (``[::1]`` -> ``::1``);
+    numeric IPv4 spellings and IPv4-mapped IPv6 addresses come back as dotted-quad.
+    Raises ``BadRequest(code="invalid_host")``.
+    """
+    if isinstance(host, str) and len(host) <= _MEMO_MAX_LEN:
+        return _host_memo(host)
+    return _canonical_host(host)
+
+
+def canonical_path(raw: str) -> tuple[str, list[str]]:
+    """Canonical form of a raw request path (no query) and its decoded, non-empty segments.
+
+    Unreserved escapes are decoded and other escapes upper-cased (RFC 3986 §6.2.2), slashes
+    collapsed, dot-segments resolved (§5.2.4), a trailing slash kept. Raises
+    ``BadRequest`` with ``invalid_path`` (not an absolute path, malformed escape, control
+    character, not UTF-8) or ``ambiguous_path`` (encoded ``/`` ``\\`` or NUL, backslash,
+    a disguised ``..``).
+    """
+    if isinstance(raw, str) and len(raw) <= _MEMO_MAX_LEN:
+        path, segments = _path_memo(raw)
+    else:
+        path, segments = _canonical_path(raw)
+    return path, list(segments)  # a list of its own: callers may change it
 
 
 # Query --------------------------------------------------------------------------------------

@@ -123,3 +123,5 @@ class Call:
     tool_error: bool = False
     """The tool result said ``isError``."""
     finished: bool = False
+    ts_end_ns: int = 0
+    """When the call finished (Pipeline.finish); its row is built after the response is sent."""

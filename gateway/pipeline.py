@@ -16,6 +16,7 @@ Front ends translate their own request/response objects and call, in this order:
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -111,7 +112,7 @@ class Pipeline:
         self.finish(call)
 
     def finish(self, call: Call, *, status: int | None = None, response_bytes: int | None = None) -> None:
-        """Audit: exactly one row per call, written off the request path."""
+        """Audit: exactly one row per call, built and written once the response is on its way."""
         if call.finished:
             return
         call.finished = True
@@ -123,8 +124,9 @@ class Pipeline:
             call.upstream_ms = (time.perf_counter() - call.upstream_started) * 1000
         if not call.outcome:
             call.outcome = "allowed"
+        call.ts_end_ns = call.ts_start_ns + int((time.perf_counter() - call.t0) * 1e9)
         self.metrics.requests.labels(mode=call.request.mode, outcome=call.outcome).inc()
-        self.audit.submit(call_to_row(call, instance=self.instance))
+        self.audit.submit_later(functools.partial(call_to_row, call, instance=self.instance))
 
     # -- stages ----------------------------------------------------------------------
     async def authenticate(self, mode: str, credential: str | None,

@@ -74,7 +74,7 @@ def call_to_row(call: "Call", *, instance: str) -> tuple[Any, ...]:
     """
     req = call.request
     ident = call.identity
-    ts_end_ns = getattr(call, "ts_end_ns", 0) or 0
+    ts_end_ns = call.ts_end_ns
     if ts_end_ns:
         elapsed_ns = max(0, ts_end_ns - call.ts_start_ns)
     else:

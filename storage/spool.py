@@ -20,7 +20,8 @@ Request path (event loop):
   meanwhile form the next group.
 * :meth:`AuditSpool.submit` (the completed row) seals the row into its instance's hash chain
   (storage/chain.py) and appends a COMPLETE without waiting; it is synced with the next group,
-  or within ``flush_interval_seconds``.
+  or within ``flush_interval_seconds``. The pipeline hands it over with
+  :meth:`AuditSpool.submit_later`, so the row is built once the response is on its way.
 
 A shipper task reads durable records in order, inserts COMPLETE rows into ClickHouse in
 batches (retrying with backoff while the store is down) and only then records its position
@@ -50,7 +51,7 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -558,6 +559,7 @@ class AuditSpool:
         self._ship_io: ThreadPoolExecutor | None = None  # the shipper's thread
         # writer
         self._pending: list[bytes] = []
+        self._later: list[Callable[[], tuple[Any, ...]]] = []
         self._pending_bytes = 0
         self._pending_cids: list[bytes] = []  # BEGINs in _pending (their segment is learned on write)
         self._begin_waiters: list[asyncio.Future[None]] = []
@@ -727,6 +729,27 @@ class AuditSpool:
             self._dropped += 1
             self._log_error("submit", f"audit row not recorded: {_describe(exc)}")
 
+    def submit_later(self, build: Callable[[], tuple[Any, ...]]) -> None:
+        """``submit(build())`` as soon as the event loop is free: the caller's response goes out
+        before its row is built, sealed and encoded. close() runs what is still waiting."""
+        self._later.append(build)
+        if len(self._later) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self._submit_waiting)
+            except RuntimeError:  # no running loop: a synchronous caller
+                self._submit_waiting()
+
+    def _submit_waiting(self) -> None:
+        waiting, self._later = self._later, []
+        for build in waiting:
+            try:
+                row = build()
+            except Exception as exc:  # never let auditing break a request
+                self._dropped += 1
+                self._log_error("submit", f"audit row not built: {_describe(exc)}")
+                continue
+            self.submit(row)
+
     def _complete(self, cid: bytes, row: tuple[Any, ...]) -> None:
         assert self._chain is not None
         sealed = self._chain.seal(row)
@@ -823,6 +846,7 @@ class AuditSpool:
 
     async def _durable(self) -> Pos:
         """Sync everything queued so far; the end of the spool once it is on disk."""
+        self._submit_waiting()
         fut: asyncio.Future[Pos] = asyncio.get_running_loop().create_future()
         self._flushers.append((self._queued, fut))
         self._wake_writer.set()
@@ -858,6 +882,7 @@ class AuditSpool:
         ``timeout``; whatever is left stays in the spool for the next start."""
         if self._closed:
             return
+        self._submit_waiting()
         self._closing = True
         self._close_deadline = time.monotonic() + timeout
         self._wake_writer.set()

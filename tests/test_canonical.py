@@ -184,3 +184,22 @@ def test_parse_query() -> None:
 def test_parse_query_refuses_non_utf8() -> None:
     _rejects(parse_query, "a=%ff", "invalid_query")
     _rejects(parse_query, "a=1\r\nb=2", "invalid_query")
+
+
+def test_memoised_answers_are_the_computed_ones_and_private() -> None:
+    """canonical_host/path remember short inputs: a repeat gives the same answer, a refusal is
+    refused every time, and a caller changing its segment list changes nobody else's."""
+    from gateway import canonical as c
+    for host in ("EXAMPLE.com.", "0x7f.1", "[::FFFF:127.0.0.1]", "Bücher.example"):
+        assert canonical_host(host) == canonical_host(host) == c._canonical_host(host)
+    first = canonical_path("/a/./b/%7Euser/")
+    first[1].append("poison")
+    assert canonical_path("/a/./b/%7Euser/") == ("/a/b/~user/", ["a", "b", "~user"])
+    for _ in range(2):
+        with pytest.raises(BadRequest):
+            canonical_path("/a/%2F/b")
+        with pytest.raises(BadRequest):
+            canonical_host("a b")
+    long = "/" + "x" * (c._MEMO_MAX_LEN + 10)
+    assert canonical_path(long) == (long, ["x" * (c._MEMO_MAX_LEN + 10)])
+    assert c._path_memo.cache_info().currsize <= c._MEMO_ENTRIES

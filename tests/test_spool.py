@@ -119,6 +119,56 @@ async def test_flush_covers_rows_recorded_while_a_write_is_on_disk(store: Store,
         await sp.close()
 
 
+async def test_flush_covers_rows_submitted_for_later(store: Store, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """submit_later() builds the row once the loop is free (a response goes out first); a
+    flush() that comes before then still covers it, even with an earlier write on disk."""
+    entered, release = threading.Event(), threading.Event()
+    real = spool_mod._fdatasync
+
+    def held(fd: int) -> None:
+        entered.set()
+        release.wait(10)
+        real(fd)
+
+    sp = spool(store, tmp_path, flush_interval_seconds=60)
+    await sp.start()
+    try:
+        monkeypatch.setattr(spool_mod, "_fdatasync", held)
+        first, second = row(), row()
+        sp.submit(first)
+        first_flush = asyncio.ensure_future(sp.flush(timeout=10))
+        assert await asyncio.to_thread(entered.wait, 10)  # the first write is syncing now
+        built: list[int] = []
+        second_flush = asyncio.ensure_future(sp.flush(timeout=10))  # runs before the row is built
+        sp.submit_later(lambda: built.append(1) or second)
+        assert built == []  # not on the caller's time
+        monkeypatch.setattr(spool_mod, "_fdatasync", real)
+        release.set()
+        await second_flush
+        assert built == [1]
+        assert set(await ids_by_seq(store)) == {first[COL["call_id"]], second[COL["call_id"]]}
+        await first_flush
+    finally:
+        release.set()
+        await sp.close()
+
+
+async def test_close_ships_rows_submitted_for_later(store: Store, tmp_path: Path) -> None:
+    sp = spool(store, tmp_path)
+    await sp.start()
+    r = row()
+    await sp.begin(r)
+    sp.submit_later(lambda: r)
+
+    def broken() -> tuple[Any, ...]:
+        raise ValueError("no row")
+    sp.submit_later(broken)  # a row that cannot be built is counted, never raised to the caller
+    await sp.close()
+    assert sp.dropped == 1
+    assert await ids_by_seq(store) == [r[COL["call_id"]]]
+
+
 async def test_rows_ship_in_order_with_chain(store: Store, tmp_path: Path) -> None:
     sp = spool(store, tmp_path, batch_size=7)
     await sp.start()
