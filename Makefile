@@ -21,7 +21,7 @@ $(MCP_STAMP): requirements-mcp.lock tests/mcp_harness/env.py
 	$(PYTHON) tests/mcp_harness/env.py
 
 run: $(STAMP)
-	$(VENV)/bin/agentgate run
+	PYTHONOPTIMIZE=1 $(VENV)/bin/agentgate run
 
 # The suite validates docker/compose.yaml with Compose (no Docker engine is needed for that).
 tools:

@@ -63,7 +63,7 @@ def describe(opts: Options, pinning: procs.Pinning, use_wrk: bool) -> dict[str, 
         "commit": _commit(),
         "cpus": pinning.available,
         "cpu_model": _cpu_model(),
-        "python": platform.python_version(),
+        "python": f"{platform.python_version()} (-O)" if procs.PYTHONOPTIMIZE == "1" else platform.python_version(),
         "versions": {p: _version(p) for p in ("mitmproxy", "aiohttp", "regopy", "chdb", "pyjwt")},
         "wrk": _wrk_version(),
         "load_generator": ("wrk (direct, route, redact, small GETs of redact-large); built-in aiohttp generator "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -139,7 +140,8 @@ class AdminApi:
         return web.json_response(
             {"ready": ready, "checks": checks, "policy_revision": self.engine.revision, "audit": audit,
              "decision_cache": self.engine.cache_status(),
-             "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]},
+             "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+             "python_optimized": sys.flags.optimize > 0},
             status=200 if ready else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:

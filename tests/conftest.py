@@ -341,6 +341,7 @@ def start_gateway(tmp: Path, keys: Keys, overrides: dict[str, Any] | None = None
     config.write_text(toml_dump(doc))
     log = tmp / "gateway.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTGATE_")}
+    full_env["PYTHONOPTIMIZE"] = "1"  # as shipped (docker/Dockerfile, make run)
     full_env.update(env or {})
     out = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],

@@ -27,6 +27,7 @@ def test_health_and_readiness(gw: Gateway) -> None:
     assert doc["audit"]["depth"] >= 0 and doc["audit"]["spool_writable"] is True
     assert doc["policy_revision"]
     assert doc["event_loop"] == "uvloop"  # the default event_loop setting
+    assert doc["python_optimized"] is True  # started as shipped: PYTHONOPTIMIZE=1
     cache = doc["decision_cache"]
     assert cache["enabled"] is True and cache["size"] == 4096 and cache["hits"] >= 0
 
