@@ -4,6 +4,7 @@ finished), and the insert the spool's shipper uses (storage/spool.py)."""
 from __future__ import annotations
 
 import datetime as dt
+import operator
 import re
 import time
 import uuid
@@ -22,6 +23,8 @@ SECRET_NAME_PARTS = ("token", "key", "secret", "password", "passwd", "pwd", "aut
 _JWT_VALUE = re.compile(r"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 _SEPARATOR = re.compile(r"([&;])")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_ONE_US = dt.timedelta(microseconds=1)
+_IN_COLUMN_ORDER = operator.itemgetter(*schema.COLUMN_NAMES)
 
 
 def _is_secret_name(raw_name: str) -> bool:
@@ -48,6 +51,8 @@ def redact_query(query: str) -> str:
 
 
 def _clamp(value: Any, hi: int) -> int:
+    if type(value) is int and 0 <= value <= hi:
+        return value
     try:
         return min(max(int(value), 0), hi)
     except (TypeError, ValueError):
@@ -63,7 +68,7 @@ def _uuid(value: str) -> uuid.UUID:
 
 
 def _ts(ns: int) -> dt.datetime:
-    return _EPOCH + dt.timedelta(microseconds=ns // 1000)
+    return _EPOCH + _ONE_US * (ns // 1000)
 
 
 def call_to_row(call: "Call", *, instance: str) -> tuple[Any, ...]:
@@ -129,7 +134,7 @@ def call_to_row(call: "Call", *, instance: str) -> tuple[Any, ...]:
         "tool_arguments": call.tool_arguments,
         "tool_error": 1 if call.tool_error else 0,
     }
-    return tuple(values[name] for name in schema.COLUMN_NAMES)
+    return _IN_COLUMN_ORDER(values)
 
 
 INCOMPLETE_OUTCOME = "incomplete"

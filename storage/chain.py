@@ -45,6 +45,7 @@ CHAIN_VERSION = b"agentgate-chain-v1"
 GENESIS = ""
 HASHED_COLUMNS: tuple[str, ...] = tuple(n for n in schema.COLUMN_NAMES if n != "row_hash")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_ONE_US = dt.timedelta(microseconds=1)
 _F32 = struct.Struct("<f")
 _IDX = {name: i for i, name in enumerate(schema.COLUMN_NAMES)}
 SEQ, PREV_HASH, ROW_HASH, INSTANCE, CALL_ID = (
@@ -58,10 +59,12 @@ VERIFY_SETTINGS: dict[str, Any] = {"max_execution_time": 600}
 
 # ---------------------------------------------------------------------------- value forms
 def _micros(value: Any) -> int:
+    if type(value) is dt.datetime and value.tzinfo is not None:
+        return (value - _EPOCH) // _ONE_US  # the usual case
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:  # chDB may return naive UTC
             value = value.replace(tzinfo=dt.timezone.utc)
-        return (value - _EPOCH) // dt.timedelta(microseconds=1)
+        return (value - _EPOCH) // _ONE_US
     if isinstance(value, dt.date):
         return (value - dt.date(1970, 1, 1)).days * 86_400_000_000
     return int(value)
@@ -96,6 +99,10 @@ def _canon_text(value: Any) -> str:
     return value if type(value) is str else _text(value)
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _split_args(inner: str) -> list[str]:
     depth, start, out = 0, 0, []
     for i, ch in enumerate(inner):
@@ -122,7 +129,8 @@ def converters(type_name: str) -> tuple[Conv, Conv]:
         return converters(inner)
     if outer == "Nullable":
         norm, canon = converters(inner)
-        return (lambda v: None if v is None else norm(v)), (lambda v: None if v is None else canon(v))
+        return (_same if norm is _same else (lambda v: None if v is None else norm(v)),
+                lambda v: None if v is None else canon(v))
     if outer == "Array":
         norm, canon = converters(inner)
         return (lambda v: [norm(x) for x in v]), (lambda v: [canon(x) for x in v])
@@ -135,7 +143,7 @@ def converters(type_name: str) -> tuple[Conv, Conv]:
     if outer == "UUID":
         return (lambda v: v if isinstance(v, uuid.UUID) else uuid.UUID(str(v))), _uuid_text
     if outer in ("DateTime64", "DateTime", "Date", "Date32"):
-        return (lambda v: v), _micros
+        return _same, _micros
     if outer == "Bool":
         return (lambda v: bool(v)), (lambda v: 1 if v else 0)
     if re.fullmatch(r"U?Int(8|16|32|64|128|256)", outer):
@@ -153,27 +161,43 @@ _NORMALIZERS = [n for n, _ in _CONVERTERS]
 _HASHED = sorted(((_IDX[n], n, _CONVERTERS[_IDX[n]][1]) for n in HASHED_COLUMNS), key=lambda x: x[1])
 
 
+_NORMALIZE = [(i, f) for i, f in enumerate(_NORMALIZERS) if f is not _same]
+
+
+def _normalized(row: tuple[Any, ...]) -> list[Any]:
+    values = list(row)
+    for i, f in _NORMALIZE:
+        values[i] = f(values[i])
+    return values
+
+
 def normalize(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """``row`` (in ``schema.COLUMN_NAMES`` order) in the form ClickHouse stores and returns."""
-    return tuple(f(v) for f, v in zip(_NORMALIZERS, row))
+    return tuple(_normalized(row))
 
 
-def canonical(row: tuple[Any, ...] | Mapping[str, Any]) -> bytes:
-    """The bytes :func:`row_hash` hashes; ``row`` is a tuple in column order or a name→value map."""
-    if isinstance(row, Mapping):
+def canonical(row: tuple[Any, ...] | list[Any] | Mapping[str, Any]) -> bytes:
+    """The bytes :func:`row_hash` hashes; ``row`` is a sequence in column order or a name→value map."""
+    if type(row) is tuple or type(row) is list:
+        values = [row[idx] for idx, _, _ in _HASHED]
+    elif isinstance(row, Mapping):
         values = [row.get(name) for _, name, _ in _HASHED]
     else:
         values = [row[idx] for idx, _, _ in _HASHED]
     doc: dict[str, Any] = {}
     for (_, name, canon), value in zip(_HASHED, values):
-        if value is not None:
+        if value is None:
+            continue
+        if canon is _canon_text and type(value) is str or canon is int and type(value) is int:
+            c = value  # already in canonical form (most columns): spare the call
+        else:
             c = canon(value)
-            if c:  # "", 0, 0.0, [], the epoch, the nil UUID: the type's default is left out
-                doc[name] = c
+        if c:  # "", 0, 0.0, [], the epoch, the nil UUID: the type's default is left out
+            doc[name] = c
     return CHAIN_VERSION + b"\n" + compact_json(doc).encode("utf-8")
 
 
-def row_hash(row: tuple[Any, ...] | Mapping[str, Any]) -> str:
+def row_hash(row: tuple[Any, ...] | list[Any] | Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical(row)).hexdigest()
 
 
@@ -192,13 +216,13 @@ class Chain:
 
     def seal(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
         """Normalise ``row`` and give it the next seq, prev_hash and row_hash of its instance."""
-        values = list(normalize(row))
+        values = _normalized(row)
         instance = values[INSTANCE]
         head = self.heads.get(instance) or Head(0, GENESIS)
         values[SEQ] = head.seq + 1
         values[PREV_HASH] = head.hash
         values[ROW_HASH] = ""
-        digest = row_hash(tuple(values))
+        digest = row_hash(values)
         values[ROW_HASH] = digest
         self.heads[instance] = Head(head.seq + 1, digest)
         return tuple(values)

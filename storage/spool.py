@@ -76,6 +76,7 @@ STATE_FILE = "state.json"
 LOCK_FILE = "LOCK"
 FORMAT_VERSION = 1
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_ONE_US = dt.timedelta(microseconds=1)
 _NIL = uuid.UUID(int=0)
 
 Pos = tuple[int, int]  # (segment number, byte offset)
@@ -123,36 +124,45 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- row codec
+def _same(v: Any) -> Any:
+    return v
+
+
 def _codec(type_name: str) -> tuple[Any, Any, Any]:
-    """(encode to JSON-able, decode, default) for one column type."""
+    """(encode to JSON-able, decode, default) for one column type; ``_same`` where the value
+    is its own JSON form."""
     t = type_name
     while t.startswith("LowCardinality("):
         t = t[len("LowCardinality("):-1]
     if t.startswith("Nullable("):
         enc, dec, _ = _codec(t[len("Nullable("):-1])
-        return (lambda v: None if v is None else enc(v)), (lambda v: None if v is None else dec(v)), None
+        return ((_same if enc is _same else (lambda v: None if v is None else enc(v))),
+                (_same if dec is _same else (lambda v: None if v is None else dec(v))), None)
     if t == "UUID":
         return str, uuid.UUID, _NIL
     if t.startswith(("DateTime64", "DateTime")):
-        return ((lambda v: (v - _EPOCH) // dt.timedelta(microseconds=1)),
-                (lambda v: _EPOCH + dt.timedelta(microseconds=v)), _EPOCH)
+        return ((lambda v: (v - _EPOCH) // _ONE_US),
+                (lambda v: _EPOCH + _ONE_US * v), _EPOCH)
     if t.startswith("Array("):
-        return (lambda v: v), (lambda v: v), []
+        return _same, _same, []
     if t.startswith("Map("):
-        return (lambda v: dict(v)), (lambda v: v), {}
+        return (lambda v: dict(v)), _same, {}
     if t.startswith(("UInt", "Int", "Bool")):
-        return (lambda v: v), (lambda v: v), 0
+        return _same, _same, 0
     if t.startswith("Float"):
-        return (lambda v: v), (lambda v: v), 0.0
-    return (lambda v: v), (lambda v: v), ""
+        return _same, _same, 0.0
+    return _same, _same, ""
 
 
 _CODECS = [_codec(c.type) for c in schema.COLUMNS]
-_ENCODERS = [e for e, _, _ in _CODECS]
+_ENCODE = [(i, enc) for i, (enc, _, _) in enumerate(_CODECS) if enc is not _same]
 
 
 def encode_row(row: tuple[Any, ...]) -> bytes:
-    return compact_json([f(v) for f, v in zip(_ENCODERS, row)]).encode("utf-8")
+    values = list(row)
+    for i, enc in _ENCODE:
+        values[i] = enc(values[i])
+    return compact_json(values).encode("utf-8")
 
 
 def _decoder(columns: list[str]) -> Any:
