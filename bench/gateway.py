@@ -83,7 +83,8 @@ def toml_dump(doc: dict[str, Any], prefix: str = "") -> str:
     return out
 
 
-def config_doc(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca: Path) -> dict[str, Any]:
+def config_doc(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca: Path,
+               audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full pipeline: EdDSA JWTs, embedded Rego with the example bundle (plus the bench
     overlay's two bulk routes), audit to chDB, TLS interception in forward mode with the upstream's
     private CA. Audit and redaction settings are the gateway's defaults."""
@@ -97,6 +98,7 @@ def config_doc(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca: Pa
         "policy": {"engine": "embedded", "dir": str(policy_bundle(workdir / "policy")), "hot_reload": False},
         "proxy": {"upstream_ca_file": str(upstream_ca)},
         "routes": {ROUTE: upstream, BULK_ROUTE: dict(upstream), BULK_REDACT_ROUTE: dict(upstream)},
+        "audit": dict(audit or {}),
     }
 
 
@@ -132,16 +134,23 @@ class GatewayProcess:
         doc = json.loads(body)
         return [dict(zip(doc["columns"], row)) for row in doc["rows"]]
 
+    async def spool_counts(self, session: aiohttp.ClientSession) -> tuple[int, int]:
+        """(write-ahead records, fsyncs) of the audit spool so far, from /readyz."""
+        async with session.get(f"http://{self.admin}/readyz") as resp:
+            audit = (await resp.json())["audit"]
+        return audit["begins"], audit["fsyncs"]
+
     def stop(self) -> None:
         self.child.stop()
 
 
 def start_gateway(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca: Path,
-                  cpus: set[int] | None, store_cpus: set[int] | None) -> GatewayProcess:
+                  cpus: set[int] | None, store_cpus: set[int] | None,
+                  audit: dict[str, Any] | None = None) -> GatewayProcess:
     """Start the gateway on ``cpus``; its store process (chDB), like a ClickHouse server would
-    be, goes to ``store_cpus``."""
+    be, goes to ``store_cpus``. ``audit``: settings over the defaults (route-nosync)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    doc = config_doc(workdir, keys, upstream_http=upstream_http, upstream_ca=upstream_ca)
+    doc = config_doc(workdir, keys, upstream_http=upstream_http, upstream_ca=upstream_ca, audit=audit)
     config = workdir / "agentgate.toml"
     config.write_text(toml_dump(doc))
     child = procs.start("gateway", [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],

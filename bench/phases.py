@@ -112,12 +112,18 @@ async def measure(env: Env, scenario: Scenario) -> dict[str, Any]:
     # so the audit inserts are part of the cost per request.
     cpu0 = procs.cpu_seconds(scenario.pid) if scenario.pid else None
     store_cpu0 = procs.cpu_seconds(scenario.store_pid) if scenario.store_pid else None
+    spool0 = await env.gateway.spool_counts(env.session) if scenario.audited and env.gateway else None
     foreign = procs.ForeignLoad()
     loaded = await run_phase(env, scenario, connections=conns, requests=opts.requests,
                              seconds=opts.duration, trace=trace_id(scenario, f"c{conns}"))
     out["foreign_load_cores"] = foreign.cores()
     if scenario.audited:
         out["audit_loaded"] = await audit_stats(env, trace_id(scenario, f"c{conns}"))
+    if spool0 is not None and env.gateway is not None:
+        begins, fsyncs = (b - a for a, b in zip(spool0, await env.gateway.spool_counts(env.session)))
+        # Group commit at work: how many calls' write-ahead records each fsync made durable.
+        out["spool_loaded"] = {"begins": begins, "fsyncs": fsyncs,
+                               "begins_per_fsync": round(begins / fsyncs, 2) if fsyncs else None}
     if scenario.pid and cpu0 is not None:
         cpu = procs.cpu_seconds(scenario.pid) - cpu0
         # The gateway's own count (audit rows) includes requests wrk left in flight when it stopped.

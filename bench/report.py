@@ -15,6 +15,9 @@ DESCRIPTIONS = {
              "request over and over, so decisions after the first come from the decision cache",
     "route-new": "route mode, every request to a path never sent before (`/items/<n>`, `/echo/<n>`): "
                  "every decision is evaluated by rego-cpp (and the decision cache churns)",
+    "route-nosync": "as `route`, on a gateway with `audit.spool_fsync = false`: each call's write-ahead record "
+                    "is written before the upstream call but not fsync'd (it survives a gateway crash, not a "
+                    "power loss): the price of the fsync",
     "redact": "route mode, `GET /r/demo/tickets/1`: the policy returns redact fields and detectors",
     "forward": "forward proxy, CONNECT + JWT, TLS interception, HTTPS upstream with its own CA",
     "mitm": "bare mitmproxy (core, proxyserver, next_layer, tlsconfig only), same options",
@@ -60,6 +63,9 @@ TARGETS: tuple[Target, ...] = (
     ("route mode added latency over direct, p99 at 1 connection", lambda r: _added(r, "route", "p99_us"), "<=", 2.0, "ms"),
     ("the same, new path each request, p50", lambda r: _added(r, "route-new", "p50_us"), "<=", 0.5, "ms"),
     ("the same, new path each request, p99", lambda r: _added(r, "route-new", "p99_us"), "<=", 2.0, "ms"),
+    ("the same, `audit.spool_fsync = false` (no power-loss durability), p50",
+     lambda r: _added(r, "route-nosync", "p50_us"), "<=", 0.5, "ms"),
+    ("the same, `audit.spool_fsync = false`, p99", lambda r: _added(r, "route-nosync", "p99_us"), "<=", 2.0, "ms"),
     ("forward mode with TLS interception, req/s at 32 connections",
      lambda r: _get(find(r, "forward", "get"), "loaded", "rps"), ">=", 1500, "req/s"),
     ("decision latency p99, evaluated (audit decision_us, route GET to new paths, 1 connection)",
@@ -140,15 +146,22 @@ def _pair(a: Any, b: Any) -> str:
     return "–" if a is None and b is None else f"{_num(a)} / {_num(b)}"
 
 
+def _spool(r: dict[str, Any]) -> str:
+    spool = r.get("spool_loaded")
+    if not spool:
+        return "–"
+    return "no fsync" if not spool["fsyncs"] else _num(spool["begins_per_fsync"], "{:.2f}")
+
+
 def table(report: dict[str, Any]) -> str:
     head = ("| configuration | workload | generator | req/s @32 | × limit | p50 @1 ms | p99 @1 ms | p50 @32 ms "
             "| p99 @32 ms | CPU µs/req | peak RSS MB | store CPU µs/req | store peak RSS MB "
-            "| decision p50/p99 µs @1 | decision p50/p99 µs @32 | other load @32/@1 |")
+            "| decision p50/p99 µs @1 | decision p50/p99 µs @32 | calls per fsync @32 | other load @32/@1 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in report["results"]:
         if "loaded" not in r:
             lines.append(f"| {r['config']} | {r['workload']} | – | error: {r.get('error', '?')[:80]} |"
-                         + " |" * 12)
+                         + " |" * 13)
             continue
         lo, si = r["loaded"], r["single"]
         lines.append(" ".join([
@@ -159,6 +172,7 @@ def table(report: dict[str, Any]) -> str:
             f"| {_num(r.get('store_cpu_us_per_request'))} | {_num(r.get('store_peak_rss_mb'))}",
             f"| {_pair(_get(r, 'audit_single', 'decision_p50_us'), _get(r, 'audit_single', 'decision_p99_us'))}",
             f"| {_pair(_get(r, 'audit_loaded', 'decision_p50_us'), _get(r, 'audit_loaded', 'decision_p99_us'))}",
+            f"| {_spool(r)}",
             f"| {_num(r.get('foreign_load_cores'), '{:.2f}')} / {_num(r.get('foreign_load_cores_single'), '{:.2f}')} |",
         ]))
     return "\n".join(lines)
@@ -184,7 +198,8 @@ def markdown(report: dict[str, Any]) -> str:
                 "its audit spool and the hand-off of rows to the store included. Store: the gateway's child "
                 "process that runs embedded ClickHouse (chDB), pinned with the load like a ClickHouse server "
                 "elsewhere would be; its CPU is the inserts' (and state polling's) cost per request. Peak RSS: "
-                "VmHWM since the process started. Decision: the audit "
+                "VmHWM since the process started. Calls per fsync: write-ahead records each spool fsync "
+                "made durable (group commit). Decision: the audit "
                 "column `decision_us`; at 32 connections it includes the wait for the event loop. Other load: "
                 "CPU (in cores) the machine spent on work that was not the bench's during the phase.", ""]
     targets = report.get("targets") or []

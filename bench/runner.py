@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import ssl
 import sys
@@ -79,6 +80,9 @@ class Run:
         if config == "route":
             return [Scenario("route", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid, audited=True,
                              baseline="direct") for w in (GET, POST)]
+        if config == "route-nosync":
+            return [Scenario("route-nosync", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid,
+                             audited=True, baseline="direct") for w in (GET, POST)]
         if config == "route-new":
             return [Scenario("route-new", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid,
                              audited=True, baseline="direct") for w in (GET_NEW, POST_NEW)]
@@ -141,16 +145,18 @@ class Run:
         self.report["meta"]["loadavg_end"] = meta.loadavg()
         return self.report
 
-    def _start_gateway(self) -> GatewayProcess | None:
+    def _start_gateway(self, name: str = "gateway", audit: dict[str, Any] | None = None) -> GatewayProcess | None:
         assert self.upstream is not None
         try:
-            gw = start_gateway(self.workdir / "gateway", self.keys, upstream_http=self.upstream.http,
+            gw = start_gateway(self.workdir / name, self.keys, upstream_http=self.upstream.http,
                                upstream_ca=self.upstream.ca, cpus=self.pinning.proxy,
-                               store_cpus=self.pinning.load)
+                               store_cpus=self.pinning.load, audit=audit)
         except RuntimeError as exc:
-            self.report["errors"].append({"what": "gateway start", "error": str(exc)[-3000:]})
-            print(f"bench: the gateway did not start: {exc}", file=sys.stderr, flush=True)
+            self.report["errors"].append({"what": f"{name} start", "error": str(exc)[-3000:]})
+            print(f"bench: the {name} did not start: {exc}", file=sys.stderr, flush=True)
             return None
+        if name != "gateway":
+            return gw
         self.report["gateway_start_rss_mb"] = round(procs.memory_kb(gw.pid)["VmRSS"] / 1024, 1)
         if gw.store_pid is not None:
             self.report["meta"]["store_cpus"] = sorted(self.pinning.load) if self.pinning.load else None
@@ -177,6 +183,11 @@ class Run:
             await self._guard("mitm start", self._start_mitm)
             if self.mitm is None:
                 return
+        if config == "route-nosync":  # a gateway of its own: the same, without fsync in the spool
+            gw = self._start_gateway("gateway-nosync", audit={"spool_fsync": False})
+            if gw is None:
+                return
+            env = dataclasses.replace(env, gateway=gw)
         try:
             if config == "redact":
                 await self._guard("redaction probe", lambda: self._redaction_probe(env, gw))
@@ -192,6 +203,8 @@ class Run:
         finally:
             if config == "mitm" and self.mitm is not None:
                 self.mitm.stop()
+            if config == "route-nosync" and gw is not None:
+                gw.stop()
 
     async def _start_mitm(self) -> None:
         assert self.upstream is not None

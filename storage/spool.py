@@ -674,7 +674,8 @@ class AuditSpool:
         return {"depth": self.depth, "bytes": self.bytes, "max_bytes": self.spool_max_bytes,
                 "full": self.full, "dropped": self.dropped, "required": self.required,
                 "healthy": self.healthy, "spool_writable": self._write_ok, "store_reachable": self._store_ok,
-                "written": self.written, "failed_batches": self.failed_batches}
+                "written": self.written, "failed_batches": self.failed_batches,
+                "begins": self.begins, "fsyncs": self.fsyncs}
 
     # -- request path -----------------------------------------------------------------
     async def begin(self, row: tuple[Any, ...]) -> None:

@@ -19,9 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {("direct", "get"), ("direct", "post"), ("direct-tls", "get"), ("direct-tls", "post"),
-            ("route", "get"), ("route", "post"), ("route-new", "get"), ("route-new", "post"), ("redact", "ticket"), ("forward", "get"),
+            ("route", "get"), ("route", "post"), ("route-new", "get"), ("route-new", "post"), ("route-nosync", "get"),
+            ("route-nosync", "post"), ("redact", "ticket"), ("forward", "get"),
             ("forward", "post"), ("mitm", "get"), ("mitm", "post")}
-GATEWAY = {"route", "route-new", "redact", "forward"}
+GATEWAY = {"route", "route-new", "route-nosync", "redact", "forward"}
 
 
 def _number(v: Any) -> bool:
@@ -63,6 +64,9 @@ def test_every_configuration_produced_numbers(smoke: tuple[dict[str, Any], str])
                 assert _number(audit["decision_p50_us"]) and _number(audit["decision_p99_us"]), (name, audit)
                 # route-new sends every request to a new path (no decision can be reused); route repeats one.
                 assert audit["paths"] == (audit["rows"] if r["config"] == "route-new" else 1), (name, audit)
+            spool = r["spool_loaded"]  # every forwarded call's write-ahead record; no fsync in route-nosync
+            assert spool["begins"] >= r["loaded"]["requests"], (name, spool)
+            assert (spool["fsyncs"] == 0) if r["config"] == "route-nosync" else (0 < spool["fsyncs"] <= spool["begins"])
         if r["config"] in ("forward", "mitm"):
             assert r["generator"] == "builtin"  # wrk cannot speak through a CONNECT proxy
             assert r["loaded"]["connections_opened"] <= 32 + 2, "keep-alive did not hold"
@@ -80,7 +84,7 @@ def test_lag_leak_redaction_and_targets_reported(smoke: tuple[dict[str, Any], st
     red = report["redaction"]
     assert red["status"] == 200 and isinstance(red["redaction_applied"], bool)
     assert any("redact" in reason for reason in red["audit"]["reasons"]), red  # the policy asked for it
-    assert len(report["targets"]) == 10
+    assert len(report["targets"]) == 12
     assert all(t["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and _number(t["value"]) for t in report["targets"])
     assert report["meta"]["pinning"]
     if report["meta"].get("store_cpus"):  # every thread of the store process, not just its first
