@@ -9,10 +9,13 @@ MCP_STAMP := .venv-mcp/.installed
 
 .PHONY: run test install tools lock lock-mcp bench clean
 
+# The gateway runs with -O (PYTHONOPTIMIZE=1), so the install compiles .opt-1.pyc files too: without
+# them every start compiles the dependencies from source where bytecode is not written.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -O -m compileall -q -j 0 $(VENV)/lib >/dev/null
 	touch $(STAMP)
 
 install: $(STAMP)
