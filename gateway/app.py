@@ -163,6 +163,9 @@ class Gateway:
         await self.verifier.close()
 
 
+GC_YOUNG_THRESHOLD = 20_000
+
+
 async def serve_forever(cfg: Config) -> None:
     gateway = Gateway(cfg)
     listeners = await gateway.start()
@@ -172,6 +175,11 @@ async def serve_forever(cfg: Config) -> None:
     # under load (bench, route mode).
     gc.collect()
     gc.freeze()
+    # A call allocates a few hundred container objects, nearly all freed by refcount within the
+    # call: with the default young-generation threshold (700) a collection ran about once per
+    # call. At 20,000 most of them are gone before one runs (bench: ~3-8% more req/s in route mode).
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
     def fmt(addr: tuple[str, int] | None) -> str:
         return "off" if addr is None else f"{addr[0]}:{addr[1]}"
 
