@@ -117,10 +117,12 @@ async def measure(env: Env, scenario: Scenario) -> dict[str, Any]:
     loaded = await run_phase(env, scenario, connections=conns, requests=opts.requests,
                              seconds=opts.duration, trace=trace_id(scenario, f"c{conns}"))
     out["foreign_load_cores"] = foreign.cores()
+    # Read before the audit query below, whose freshness flush syncs the spool once more.
+    spool1 = await env.gateway.spool_counts(env.session) if spool0 is not None and env.gateway else None
     if scenario.audited:
         out["audit_loaded"] = await audit_stats(env, trace_id(scenario, f"c{conns}"))
-    if spool0 is not None and env.gateway is not None:
-        begins, fsyncs = (b - a for a, b in zip(spool0, await env.gateway.spool_counts(env.session)))
+    if spool0 is not None and spool1 is not None:
+        begins, fsyncs = (b - a for a, b in zip(spool0, spool1))
         # Group commit at work: how many calls' write-ahead records each fsync made durable.
         out["spool_loaded"] = {"begins": begins, "fsyncs": fsyncs,
                                "begins_per_fsync": round(begins / fsyncs, 2) if fsyncs else None}

@@ -66,7 +66,8 @@ def test_every_configuration_produced_numbers(smoke: tuple[dict[str, Any], str])
                 assert audit["paths"] == (audit["rows"] if r["config"] == "route-new" else 1), (name, audit)
             spool = r["spool_loaded"]  # every forwarded call's write-ahead record; no fsync in route-nosync
             assert spool["begins"] >= r["loaded"]["requests"], (name, spool)
-            assert (spool["fsyncs"] == 0) if r["config"] == "route-nosync" else (0 < spool["fsyncs"] <= spool["begins"])
+            # (an fsync may also carry only completed rows, at the flush interval: no upper bound)
+            assert (spool["fsyncs"] == 0) if r["config"] == "route-nosync" else (spool["fsyncs"] > 0), (name, spool)
         if r["config"] in ("forward", "mitm"):
             assert r["generator"] == "builtin"  # wrk cannot speak through a CONNECT proxy
             assert r["loaded"]["connections_opened"] <= 32 + 2, "keep-alive did not hold"
