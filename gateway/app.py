@@ -177,7 +177,7 @@ async def serve_forever(cfg: Config) -> None:
     gc.freeze()
     # A call allocates a few hundred container objects, nearly all freed by refcount within the
     # call: with the default young-generation threshold (700) a collection ran about once per
-    # call. At 20,000 most of them are gone before one runs (bench: ~3-8% more req/s in route mode).
+    # call. At 20,000 most of them are gone before one runs (bench A/B: route mode 3-6% more req/s).
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
     def fmt(addr: tuple[str, int] | None) -> str:
