@@ -7,6 +7,8 @@ back" swaps in a chDB store. A real crash is a subprocess killed with SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import pytest
 
 import storage.spool as spool_mod
 from storage import schema
-from storage.audit import INCOMPLETE_OUTCOME, INCOMPLETE_REASON, call_to_row
+from storage.audit import INCOMPLETE_OUTCOME, INCOMPLETE_REASON
 from storage.chain import verify
 from storage.spool import (BEGIN, COMPLETE, AuditSpool, AuditUnavailable, ScanResult, SpoolLocked,
                            iter_records, list_segments, segment_path)
@@ -86,72 +89,73 @@ async def test_group_commit_shares_fsyncs(store: Store, tmp_path: Path, monkeypa
         await sp.close()
 
 
-async def test_flush_covers_rows_recorded_while_a_write_is_on_disk(store: Store, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A row recorded while an earlier write is still syncing, then flush(): flush returns only
-    once that row too is in the store (it once returned with the earlier write's position, and
-    the admin API's freshness flush then missed the newest rows)."""
-    entered, release = threading.Event(), threading.Event()
+@dataclasses.dataclass
+class WriteOnDisk:
+    """A spool whose first write (one row, with a flush waiting on it) is held inside fdatasync."""
+
+    sp: AuditSpool
+    first: tuple[Any, ...]
+    first_flush: "asyncio.Future[None]"
+    release: Callable[[], None]
+
+
+@contextlib.asynccontextmanager
+async def write_on_disk(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[WriteOnDisk]:
+    entered, held_back = threading.Event(), threading.Event()
     real = spool_mod._fdatasync
 
     def held(fd: int) -> None:
         entered.set()
-        release.wait(10)
+        held_back.wait(10)
         real(fd)
+
+    def release() -> None:  # later writes sync at once
+        monkeypatch.setattr(spool_mod, "_fdatasync", real)
+        held_back.set()
 
     sp = spool(store, tmp_path, flush_interval_seconds=60)
     await sp.start()
     try:
         monkeypatch.setattr(spool_mod, "_fdatasync", held)
-        first, second = row(), row()
+        first = row()
         sp.submit(first)
         first_flush = asyncio.ensure_future(sp.flush(timeout=10))
         assert await asyncio.to_thread(entered.wait, 10)  # the first write is syncing now
-        sp.submit(second)
-        second_flush = asyncio.ensure_future(sp.flush(timeout=10))
-        monkeypatch.setattr(spool_mod, "_fdatasync", real)
-        release.set()
-        await second_flush
-        assert set(await ids_by_seq(store)) == {first[COL["call_id"]], second[COL["call_id"]]}
+        yield WriteOnDisk(sp, first, first_flush, release)
         await first_flush
     finally:
-        release.set()
+        held_back.set()
         await sp.close()
+
+
+async def test_flush_covers_rows_recorded_while_a_write_is_on_disk(store: Store, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row recorded while an earlier write is still syncing, then flush(): flush returns only
+    once that row too is in the store (it once returned with the earlier write's position, and
+    the admin API's freshness flush then missed the newest rows)."""
+    async with write_on_disk(store, tmp_path, monkeypatch) as w:
+        second = row()
+        w.sp.submit(second)
+        second_flush = asyncio.ensure_future(w.sp.flush(timeout=10))
+        w.release()
+        await second_flush
+        assert set(await ids_by_seq(store)) == {w.first[COL["call_id"]], second[COL["call_id"]]}
 
 
 async def test_flush_covers_rows_submitted_for_later(store: Store, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """submit_later() builds the row once the loop is free (a response goes out first); a
     flush() that comes before then still covers it, even with an earlier write on disk."""
-    entered, release = threading.Event(), threading.Event()
-    real = spool_mod._fdatasync
-
-    def held(fd: int) -> None:
-        entered.set()
-        release.wait(10)
-        real(fd)
-
-    sp = spool(store, tmp_path, flush_interval_seconds=60)
-    await sp.start()
-    try:
-        monkeypatch.setattr(spool_mod, "_fdatasync", held)
-        first, second = row(), row()
-        sp.submit(first)
-        first_flush = asyncio.ensure_future(sp.flush(timeout=10))
-        assert await asyncio.to_thread(entered.wait, 10)  # the first write is syncing now
+    async with write_on_disk(store, tmp_path, monkeypatch) as w:
+        second = row()
         built: list[int] = []
-        second_flush = asyncio.ensure_future(sp.flush(timeout=10))  # runs before the row is built
-        sp.submit_later(lambda: built.append(1) or second)
+        second_flush = asyncio.ensure_future(w.sp.flush(timeout=10))  # runs before the row is built
+        w.sp.submit_later(lambda: built.append(1) or second)
         assert built == []  # not on the caller's time
-        monkeypatch.setattr(spool_mod, "_fdatasync", real)
-        release.set()
+        w.release()
         await second_flush
         assert built == [1]
-        assert set(await ids_by_seq(store)) == {first[COL["call_id"]], second[COL["call_id"]]}
-        await first_flush
-    finally:
-        release.set()
-        await sp.close()
+        assert set(await ids_by_seq(store)) == {w.first[COL["call_id"]], second[COL["call_id"]]}
 
 
 async def test_close_ships_rows_submitted_for_later(store: Store, tmp_path: Path) -> None:
