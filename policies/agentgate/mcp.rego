@@ -16,7 +16,9 @@
 #    "resources": {uri: {"roles": [role]}},
 #    "prompts":   {name: {"roles": [role]}}}
 #
-# Whatever the catalogue does not grant is denied. The gateway also asks this policy, item by
+# Whatever the catalogue does not grant is denied. A mark of the wrong type still restricts
+# ("never": true denies, a malformed approval holds the call with nobody able to approve it, a
+# limit that is not a number denies, any "redact_contacts" but false redacts). The gateway also asks this policy, item by
 # item, what to show in tools/list (resources/list, prompts/list): it evaluates a tools/call
 # with empty arguments for each listed tool and hides those that would be denied.
 #
@@ -87,11 +89,16 @@ mcp_denials contains concat(" ", [input.tool.method, "does not name a", call.lab
 	not call.named
 }
 
-mcp_denials contains concat("", [system, " ", call.label, " ", call.item, " is never allowed: ", call.entry.never]) if {
+mcp_denials contains concat("", [system, " ", call.label, " ", call.item, " is never allowed: ", never_why(call.entry.never)]) if {
 	call := mcp_call
 	call.named
 	call.entry.never
 }
+
+# A catalogue mark of the wrong type (a typo in the data) must still restrict, never leave the
+# call to the role's plain HTTP grant: any "never" but false denies, and so on below.
+never_why(why) := why if is_string(why)
+else := "its catalogue entry says never"
 
 mcp_denials contains concat(" ", ["role", role, "may not use", system, call.label, call.item]) if {
 	call := mcp_call
@@ -101,7 +108,7 @@ mcp_denials contains concat(" ", ["role", role, "may not use", system, call.labe
 	some role in input.agent.roles
 }
 
-mcp_denials contains concat("", [system, " tool ", call.item, ": ", name, " must be a number up to ", format_int(limit, 10)]) if {
+mcp_denials contains concat("", [system, " tool ", call.item, ": ", name, " must be a number up to ", limit_text(limit)]) if {
 	call := mcp_call
 	call.usable
 	some name
@@ -109,25 +116,43 @@ mcp_denials contains concat("", [system, " tool ", call.item, ": ", name, " must
 	not mcp_within(object.get(input.tool.arguments, name, 0), limit)
 }
 
+mcp_denials contains concat("", [system, " tool ", call.item, ": its argument limits are not an object"]) if {
+	call := mcp_call
+	call.usable
+	limits := call.entry.max
+	not is_object(limits)
+}
+
 mcp_within(value, limit) if {
 	is_number(value)
+	is_number(limit)
 	value <= limit
 }
+
+limit_text(limit) := format_int(limit, 10) if is_number(limit)
+else := "a limit the catalogue does not give as a number"
 
 approvals contains approval if {
 	mcp_use[0]
 	call := mcp_call
 	call.usable
 	call.entry.approval
-	approval := {"why": call.entry.approval.why, "approvers": call.entry.approval.approvers}
+	approval := mcp_approval(call.entry.approval)
 }
+
+# An approval the policy cannot read still holds the call: with no approvers named, nobody
+# can approve it and it is denied when the hold times out.
+mcp_approval(spec) := {"why": spec.why, "approvers": spec.approvers} if {
+	is_string(spec.why)
+	is_array(spec.approvers)
+} else := {"why": "its catalogue entry asks for approval in a form the policy cannot read", "approvers": []}
 
 # Tool results that carry customer contact details are redacted like HTTP ticket reads.
 redacts_contacts if {
 	mcp_use[0]
 	call := mcp_call
 	call.usable
-	call.entry.redact_contacts == true
+	call.entry.redact_contacts
 }
 
 # Everything posted to an MCP endpoint must be a JSON-RPC message the gateway could read

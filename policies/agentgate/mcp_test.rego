@@ -149,3 +149,55 @@ test_mcp_forward_mode_attributes_by_host if {
 	d.allow == true
 	mcp_forward(support_bot, "localhost", tool_call("delete_customer", {"customer_id": "x"})).allow == false
 }
+
+# A tools/call through the support-mcp route to a tool whose catalogue entry is `entry`.
+catalogued_call(entry, arguments) := d if {
+	tool := tool_call("custom_tool", arguments)
+	agent := support_bot # (regopy ignores a bare rule name after `as`)
+	d := agentgate.decision with input.agent as agent
+		with input.request as mcp_post(gateway_host, tool)
+		with input.route as "support-mcp"
+		with input.tool as tool
+		with input.context as {"mode": "test", "client_ip": "127.0.0.1", "trace_id": "test"}
+		with data.agents as {}
+		with data.gateway.mcp.demo.tools.custom_tool as entry
+}
+
+# A catalogue mark of the wrong type (a typo in data.json) still restricts: it must never
+# fall back to the role's plain HTTP grant.
+test_mcp_never_that_is_not_text_still_denies if {
+	every never in [true, 1, null, {"why": "x"}] {
+		d := catalogued_call({"roles": ["support"], "never": never}, {})
+		d.allow == false
+		d.reasons == ["demo tool custom_tool is never allowed: its catalogue entry says never"]
+	}
+	catalogued_call({"roles": ["support"], "never": false}, {}).allow == true
+}
+
+test_mcp_limit_that_is_not_a_number_denies if {
+	d := catalogued_call({"roles": ["support"], "max": {"amount": "500"}}, {"amount": 1})
+	d.allow == false
+	d.reasons == ["demo tool custom_tool: amount must be a number up to a limit the catalogue does not give as a number"]
+	limits := catalogued_call({"roles": ["support"], "max": 500}, {"amount": 1})
+	limits.allow == false
+	limits.reasons == ["demo tool custom_tool: its argument limits are not an object"]
+}
+
+test_mcp_malformed_approval_still_holds_the_call if {
+	every approval in [true, {"approvers": ["support-lead"]}, {"why": "money"}, null] {
+		d := catalogued_call({"roles": ["support"], "approval": approval}, {})
+		d.allow == true
+		d.require_approval == true
+		d.approvers == []
+		"approval required (): its catalogue entry asks for approval in a form the policy cannot read" in d.reasons
+	}
+	catalogued_call({"roles": ["support"], "approval": false}, {}).require_approval == false
+}
+
+test_mcp_redact_contacts_that_is_not_a_boolean_still_redacts if {
+	every mark in ["yes", 1, null] {
+		d := catalogued_call({"roles": ["support"], "redact_contacts": mark}, {})
+		d.redact.detectors == ["email", "phone"]
+	}
+	catalogued_call({"roles": ["support"], "redact_contacts": false}, {}).redact.detectors == []
+}
