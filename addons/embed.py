@@ -13,11 +13,9 @@ from mitmproxy import options
 from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from gateway.errors import ProxyStartError
+
 log = logging.getLogger("agentgate.forward")
-
-
-class ProxyStartError(RuntimeError):
-    pass
 
 
 class EmbeddedProxy:

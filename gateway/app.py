@@ -26,6 +26,7 @@ from gateway.metrics import Metrics
 from gateway.notify import Notifier
 from gateway.pipeline import Pipeline
 from gateway.redaction import Redactor, scrub_value
+from gateway.redaction import offload as redaction_worker
 from gateway.policy import make_engine
 from gateway.registry import AgentRegistry
 from gateway.routes import RouteFrontEnd
@@ -106,6 +107,8 @@ class Gateway:
                                  metrics=self.metrics, instance=self.instance, killswitches=self.killswitches,
                                  approvals=self.approvals, streams=self.streams,
                                  redactor=Redactor(cfg.redaction))
+        if cfg.redaction.thread_threshold_bytes <= cfg.redaction.max_inspect_bytes:
+            redaction_worker.prestart()  # large bodies are redacted there (gateway/redaction/offload.py)
         self.upstream = RouteUpstream(cfg)
         await self.upstream.start()
         routes = RouteFrontEnd(self.pipeline, self.upstream, max_body=MAX_REQUEST_BODY)

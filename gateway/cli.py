@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.admin_client import admin_call, print_table
-from addons.embed import ProxyStartError
 from gateway.config import Config, ConfigError, load_config
+from gateway.errors import ProxyStartError
 from gateway.policy import PolicyError
 from gateway.investigate import register_cli
 

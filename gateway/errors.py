@@ -11,6 +11,11 @@ import json
 CALL_ID_HEADER = "X-Agentgate-Call-Id"
 
 
+class ProxyStartError(RuntimeError):
+    """The forward proxy (mitmproxy) could not start. Defined here, not beside the proxy, so
+    that the CLI can name it without importing mitmproxy."""
+
+
 class GatewayError(Exception):
     """A refusal or failure with the HTTP status and error code the agent will see.
 

@@ -120,13 +120,19 @@ class Pipeline:
             call.status = status
         if response_bytes is not None:
             call.response_bytes = response_bytes
-        if call.upstream_started and not call.upstream_ms:
-            call.upstream_ms = (time.perf_counter() - call.upstream_started) * 1000
+        self.upstream_done(call)
         if not call.outcome:
             call.outcome = "allowed"
         call.ts_end_ns = call.ts_start_ns + int((time.perf_counter() - call.t0) * 1e9)
         self.metrics.requests.labels(mode=call.request.mode, outcome=call.outcome).inc()
         self.audit.submit_later(functools.partial(call_to_row, call, instance=self.instance))
+
+    @staticmethod
+    def upstream_done(call: Call) -> None:
+        """Stop the upstream clock (once): the response is in hand, or the call is over.
+        Redaction after this point counts as gateway time, not upstream time."""
+        if call.upstream_started and not call.upstream_ms:
+            call.upstream_ms = (time.perf_counter() - call.upstream_started) * 1000
 
     # -- stages ----------------------------------------------------------------------
     async def authenticate(self, mode: str, credential: str | None,
@@ -225,6 +231,7 @@ class Pipeline:
         plan = call.redaction
         if plan is None:
             return body
+        self.upstream_done(call)
         try:
             new, report = await plan.redact_body_async(body, content_type=content_type,
                                                        content_encoding=content_encoding)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 from pathlib import Path
@@ -51,6 +53,11 @@ def body_for(kind: str) -> tuple[bytes, str]:
     raise ValueError(kind)
 
 
+# Quick to send, slow to redact: ~8 KB on the wire, 90,000 emails (900 KB) once inflated.
+MANY_EMAILS = 90_000
+MANY_EMAILS_GZIP = gzip.compress(json.dumps(["a@b.co"] * MANY_EMAILS).encode())
+
+
 async def pii(request: web.Request) -> web.StreamResponse:
     kind = request.query.get("kind", "json")
     enc = request.query.get("enc")
@@ -71,6 +78,9 @@ async def pii(request: web.Request) -> web.StreamResponse:
     if kind == "huge":
         return web.Response(body=json.dumps({"email": EMAIL, "pad": "x" * (200 << 10)}).encode(),
                             content_type="application/json")
+    if kind == "many":
+        return web.Response(body=MANY_EMAILS_GZIP, headers={"Content-Type": "application/json",
+                                                            "Content-Encoding": "gzip"})
     body, ctype = body_for(kind)
     headers = {"Content-Type": ctype}
     if enc:
@@ -194,6 +204,47 @@ def test_bad_redaction_in_decision_fails_closed_before_upstream(gw: Gateway, key
     assert resp.status == 403
     assert resp.json()["error"]["code"] == "policy_error"
     assert "no_such_detector" in resp.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def gw_defaults(gateway_factory, pii_upstream: Upstream) -> Gateway:
+    """A gateway with the default redaction limits (8 MiB inspected, large bodies in a worker)."""
+    return gateway_factory({"routes": {"pii": {"upstream": pii_upstream.url}}}, name="redaction-defaults")
+
+
+def _child_commands(pid: int) -> list[str]:
+    """The command lines of ``pid``'s child processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found.append(f.read().replace(b"\0", b" ").decode())
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone meanwhile
+    return found
+
+
+def test_redaction_worker_starts_with_the_gateway(gw_defaults: Gateway) -> None:
+    """Started on the first large body, the worker made that call wait ~1 s for a Python
+    process to start and import the redaction library."""
+    deadline = time.monotonic() + 60
+    while not any("multiprocessing.spawn" in cmd for cmd in _child_commands(gw_defaults.proc.pid)):
+        assert time.monotonic() < deadline, _child_commands(gw_defaults.proc.pid)
+        time.sleep(0.05)  # polling for the process to appear, bounded by the deadline
+
+
+def test_redaction_counts_as_gateway_time_not_upstream_time(gw_defaults: Gateway, keys: Keys) -> None:
+    """The audit's upstream_ms stops when the upstream's body is in hand: an incident responder
+    reading a slow call must not blame the upstream for the gateway's redaction."""
+    resp = fetch(gw_defaults, keys, "pii", "/pii/many", kind="many")
+    assert resp.status == 200 and b"a@b.co" not in gzip.decompress(resp.body)
+    row = gw_defaults.audit_row(resp.headers[CALL_ID])
+    assert row["redaction_counts"]["email"] == MANY_EMAILS
+    # 8 KB from a loopback upstream vs 900 KB inflated, 90,000 matches rewritten, deflated again.
+    assert row["gateway_ms"] > row["upstream_ms"], (row["gateway_ms"], row["upstream_ms"])
 
 
 def test_redaction_does_not_block_other_requests(gw: Gateway, keys: Keys) -> None:

@@ -4,13 +4,15 @@ Redaction is pure Python: in a thread it still holds the GIL and stalls the even
 benchmark measured small calls' p99 x6 while two 1 MB bodies were redacted). A separate
 process keeps the loop free; the body crosses a pipe once each way, which costs far less than
 the redaction itself. The worker is started with ``spawn`` (the gateway process has threads:
-chDB, mitmproxy), lazily, on the first large body.
+chDB, mitmproxy); the gateway starts it in the background at start-up (:func:`prestart`), as
+started lazily the first large body waited ~1 s for a Python process to import its library.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import importlib
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -28,6 +30,16 @@ def _pool_instance() -> ProcessPoolExecutor:
         _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         atexit.register(shutdown)
     return _pool
+
+
+def prestart() -> None:
+    """Start the worker now without waiting for it: it imports the library while the gateway
+    serves, and the first large body finds it ready."""
+    _pool_instance().submit(_ready)
+
+
+def _ready() -> None:
+    importlib.import_module(f"{__package__}.plan")  # what the first redaction imports
 
 
 def shutdown() -> None:
