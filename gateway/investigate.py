@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -171,7 +171,7 @@ class Investigations:
             else:
                 roles = await self.api.store.run(q.agent_roles, table, agent, window)
                 roles_source = "latest call"
-            model = q.grant_model(await policy_data(self.api.engine), agent, roles)
+            model = q.grant_model(await self.api.engine.data(), agent, roles)
             page = await self.api.store.run(q.grants, table, agent, window, model, limit=limit)
             rows = page.rows
             return {
@@ -311,28 +311,6 @@ def _csv_cell(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return value
-
-
-async def policy_data(engine: Any) -> Mapping[str, Any] | None:
-    """The policy's data document as the gateway loaded it (embedded engine), or ``data.gateway``
-    and ``data.agents`` as OPA serves them; None if unavailable."""
-    compiled = getattr(engine, "_policy", None)
-    loaded = getattr(compiled, "loaded", None)
-    if loaded is not None:
-        return loaded.data
-    request = getattr(engine, "_request", None)
-    base = getattr(engine, "base_url", None)
-    if request is None or base is None:
-        return None
-    out: dict[str, Any] = {}
-    for key in ("gateway", "agents"):
-        try:
-            status, body = await request("GET", f"{base}/v1/data/{key}")
-            if status == 200 and isinstance(doc := json.loads(body), dict) and "result" in doc:
-                out[key] = doc["result"]
-        except Exception:  # noqa: BLE001 - no grant data: the report shows usage only
-            log.warning("could not read data.%s from OPA for the grants report", key, exc_info=True)
-    return out or None
 
 
 def register_routes(app: web.Application, api: "AdminApi") -> Investigations:

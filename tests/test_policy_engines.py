@@ -231,6 +231,19 @@ async def test_engines_give_identical_decisions(embedded: EmbeddedEngine, opa: O
                                   "reason": "the OPA engine sends every input to the server"}
 
 
+async def test_engines_serve_their_policy_data(embedded: EmbeddedEngine, opa: OpaEngine,
+                                              opa_fixture: OpaFixture) -> None:
+    """What the grants report reads: the embedded engine's whole data document; from OPA, the
+    data.gateway and data.agents it serves (this bundle has no data.gateway)."""
+    data = await embedded.data()
+    assert data is not None and data["agents"] == EXTRA["agents"] and data["meta"] == {"version": 1}
+    assert await opa.data() == {"agents": EXTRA["agents"]}
+    assert ("GET", "/v1/data/gateway") in opa_fixture.requests
+    for mode in ("error", "garbage"):  # no data: the report shows usage only
+        opa_fixture.mode = mode
+        assert await opa.data() is None
+
+
 @pytest.mark.parametrize("kind", ["embedded", "opa"])
 async def test_undefined_and_runtime_errors_fail(kind: str, bundle: Path,
                                                  opa_fixture: OpaFixture) -> None:

@@ -44,6 +44,11 @@ class PolicyEngine(Protocol):
         """For /readyz: ``{"enabled": bool, ...}``, whether decisions are reused and why not."""
         ...
 
+    async def data(self) -> dict[str, Any] | None:
+        """The data document the policy decides with (at least ``gateway`` and ``agents``
+        where it has them), for reports such as granted-versus-used; None if unavailable."""
+        ...
+
     async def close(self) -> None: ...
 
 

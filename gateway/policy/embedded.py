@@ -368,6 +368,10 @@ class EmbeddedEngine:
         return {"enabled": True, "size": cache.size, "entries": len(cache), "hits": cache.hits,
                 "misses": cache.misses}
 
+    async def data(self) -> dict[str, Any] | None:
+        policy = self._policy
+        return policy.loaded.data if policy is not None else None
+
     def load_sync(self) -> None:
         """Compile on the calling thread without watching (CLI ``policy eval``/``test``)."""
         self._install(self._compile())

@@ -82,6 +82,20 @@ class OpaEngine:
     def cache_status(self) -> dict[str, Any]:
         return {"enabled": False, "reason": "the OPA engine sends every input to the server"}
 
+    async def data(self) -> dict[str, Any] | None:
+        """``data.gateway`` and ``data.agents`` as OPA serves them (what it has of the two)."""
+        out: dict[str, Any] = {}
+        for key in ("gateway", "agents"):
+            try:
+                status, body = await self._request("GET", f"{self.base_url}/v1/data/{key}")
+                doc = _loads(body) if status == 200 else None
+            except PolicyEvalError as exc:
+                log.warning("could not read data.%s from OPA: %s", key, exc)
+                continue
+            if isinstance(doc, dict) and "result" in doc:
+                out[key] = doc["result"]
+        return out or None
+
     async def start(self) -> None:
         """Check ``/health``, push ``extra_data`` into OPA's data, read the bundle revision.
 
