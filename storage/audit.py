@@ -1,5 +1,5 @@
 """Audit rows: building one from a finished call (and the ``incomplete`` row of a call that never
-finished), and the insert the spool's shipper uses (storage/spool.py)."""
+finished), and the insert the spool's shipper uses (storage/spool/)."""
 
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("approver", "String", "Who decided that approval (admin JWT subject)"),
     Column("decided_at", "Nullable(DateTime64(6, 'UTC'))", "When that approval was decided"),
     Column("killswitch_id", "String", "Kill-switch that refused this call, if any"),
-    # version 3: write-ahead spool and tamper evidence (storage/spool.py, storage/chain.py)
+    # version 3: write-ahead spool and tamper evidence (storage/spool/, storage/chain.py)
     Column("seq", "UInt64", "Position of this row in its gateway instance's hash chain (1, 2, ...); 0 = not chained"),
     Column("prev_hash", "String", "row_hash of the previous row in this instance's chain; empty for seq 1"),
     Column("row_hash", "String", "Hex SHA-256 of this row's canonical encoding, prev_hash included (storage/chain.py)"),

@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 
 import storage.spool as spool_mod
+import storage.spool.segments as segments_mod
+from storage.spool.records import row_decoder
 from storage import schema
 from storage.audit import INCOMPLETE_OUTCOME, INCOMPLETE_REASON
 from storage.chain import verify
@@ -65,13 +67,13 @@ async def ids_by_seq(s: Store) -> list[uuid.UUID]:
 # ------------------------------------------------------------------ the write path
 async def test_group_commit_shares_fsyncs(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced = []
-    real = spool_mod._fdatasync
+    real = segments_mod._fdatasync
 
     def counting(fd: int) -> None:
         synced.append(fd)
         real(fd)
 
-    monkeypatch.setattr(spool_mod, "_fdatasync", counting)
+    monkeypatch.setattr(segments_mod, "_fdatasync", counting)
     sp = spool(store, tmp_path)
     await sp.start()
     try:
@@ -102,7 +104,7 @@ class WriteOnDisk:
 @contextlib.asynccontextmanager
 async def write_on_disk(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[WriteOnDisk]:
     entered, held_back = threading.Event(), threading.Event()
-    real = spool_mod._fdatasync
+    real = segments_mod._fdatasync
 
     def held(fd: int) -> None:
         entered.set()
@@ -110,13 +112,13 @@ async def write_on_disk(store: Store, tmp_path: Path, monkeypatch: pytest.Monkey
         real(fd)
 
     def release() -> None:  # later writes sync at once
-        monkeypatch.setattr(spool_mod, "_fdatasync", real)
+        monkeypatch.setattr(segments_mod, "_fdatasync", real)
         held_back.set()
 
     sp = spool(store, tmp_path, flush_interval_seconds=60)
     await sp.start()
     try:
-        monkeypatch.setattr(spool_mod, "_fdatasync", held)
+        monkeypatch.setattr(segments_mod, "_fdatasync", held)
         first = row()
         sp.submit(first)
         first_flush = asyncio.ensure_future(sp.flush(timeout=10))
@@ -602,7 +604,7 @@ async def test_kill_9_under_load_loses_no_forwarded_call(store: Store, tmp_path:
 
 def test_row_codec_round_trips() -> None:
     r = row(decided_at_ns=1_700_000_000_123_456_000, approval_id="ap-1")
-    decoded = spool_mod._decoder(list(schema.COLUMN_NAMES))(spool_mod.encode_row(r))
+    decoded = row_decoder(list(schema.COLUMN_NAMES))(spool_mod.encode_row(r))
     assert decoded == r
     assert decoded[COL["decided_at"]] == dt.datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=dt.timezone.utc)
     older = [n for n in schema.COLUMN_NAMES if n != "tool_name"]  # a segment from another version
@@ -610,5 +612,5 @@ def test_row_codec_round_trips() -> None:
     import json
     values = json.loads(payload)
     del values[COL["tool_name"]]
-    decoded = spool_mod._decoder(older)(json.dumps(values).encode())
+    decoded = row_decoder(older)(json.dumps(values).encode())
     assert decoded[COL["tool_name"]] == "" and decoded[COL["call_id"]] == r[COL["call_id"]]

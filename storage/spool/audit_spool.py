@@ -1,85 +1,34 @@
-"""Write-ahead audit spool: no call reaches an upstream without a durable record of it.
-
-Layout under ``<data_dir>/spool/``::
-
-    LOCK                 flock'd by the one gateway process that owns the spool
-    state.json           shipper position and chain heads, replaced atomically after each insert
-    0000000000000001.seg segments: append-only, rotated at ``segment_bytes``
-
-A segment is a sequence of records ``<u32 body length><u32 CRC32(body)><body>``, body =
-``<u8 kind><16-byte call_id><payload>``. The first record is a HEADER (payload: JSON with the
-column names the segment's rows use, so rows survive a schema change across an upgrade).
-BEGIN carries the row as known before the upstream; COMPLETE the full, hash-chained row.
-Payloads are JSON arrays in header column order (UUID as text, DateTime64 as microseconds).
-
-Request path (event loop):
-
-* :meth:`AuditSpool.begin` appends a BEGIN and returns once it is fsync'd. Group commit: a
-  writer task takes whatever records arrived, writes them in one ``write`` and one
-  ``fdatasync`` on a dedicated thread, then resolves every waiting begin; records arriving
-  meanwhile form the next group.
-* :meth:`AuditSpool.submit` (the completed row) seals the row into its instance's hash chain
-  (storage/chain.py) and appends a COMPLETE without waiting; it is synced with the next group,
-  or within ``flush_interval_seconds``. The pipeline hands it over with
-  :meth:`AuditSpool.submit_later`, so the row is built once the response is on its way.
-
-A shipper task reads durable records in order, inserts COMPLETE rows into ClickHouse in
-batches (retrying with backoff while the store is down) and only then records its position
-in state.json. The position it records (``resume``) never passes a BEGIN whose COMPLETE it
-has not seen, so a crash never loses a forwarded call; segments wholly before ``resume`` are
-deleted. A call running long enough to pin an old segment has its BEGIN copied forward.
-
-Start-up recovery (the LOCK proves the previous owner is gone): the previous runs' segments
-are scanned from ``resume``; a torn tail is cut off; every BEGIN without a COMPLETE is
-completed with an ``incomplete`` row (storage.audit.incomplete_row). Replays are harmless:
-``calls`` is a ReplacingMergeTree keyed by call and each batch carries a content-derived
-``insert_deduplication_token``.
-"""
+"""The spool itself: the request path's begin/submit, the group-commit writer and the shipper
+(see storage/spool/__init__.py for the design)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import dataclasses
-import datetime as dt
 import fcntl
 import hashlib
-import json
 import logging
 import os
-import struct
 import time
-import uuid
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage import schema
 from storage.audit import _describe, _insert, incomplete_row
-from storage.chain import CALL_ID, INSTANCE, ROW_HASH, SEQ, Chain, Head, compact_json, last_head
+from storage.chain import CALL_ID, INSTANCE, ROW_HASH, SEQ, Chain, Head, last_head
+from storage.spool.records import (BEGIN, COMPLETE, MIN_BODY, REC_HEAD, call_id_bytes, encode_record, encode_row,
+                                   row_decoder)
+from storage.spool.recovery import SpoolState, recover, save_state
+from storage.spool.segments import Pos, ScanResult, SegmentWriter, iter_records, read_header, segment_path
 
 if TYPE_CHECKING:
     from storage.store import Store
 
 log = logging.getLogger(__name__)
 
-HEADER, BEGIN, COMPLETE = 0, 1, 2
-_REC = struct.Struct("<II")  # body length, CRC32 of body
-_KIND_ID = struct.Struct("<B16s")
-_MIN_BODY = _KIND_ID.size
-MAX_BODY = 64 << 20
-PREALLOCATE_BYTES = 1 << 20
-SEGMENT_SUFFIX = ".seg"
-STATE_FILE = "state.json"
 LOCK_FILE = "LOCK"
-FORMAT_VERSION = 1
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-_ONE_US = dt.timedelta(microseconds=1)
-_NIL = uuid.UUID(int=0)
-
-Pos = tuple[int, int]  # (segment number, byte offset)
 
 
 class AuditUnavailable(Exception):
@@ -110,393 +59,6 @@ async def _wait_event(event: asyncio.Event, seconds: float) -> None:
         pass
 
 
-def _fdatasync(fd: int) -> None:
-    """The one place the spool syncs record data (tests count calls through a wrapper)."""
-    os.fdatasync(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------- row codec
-def _same(v: Any) -> Any:
-    return v
-
-
-def _codec(type_name: str) -> tuple[Any, Any, Any]:
-    """(encode to JSON-able, decode, default) for one column type; ``_same`` where the value
-    is its own JSON form."""
-    t = type_name
-    while t.startswith("LowCardinality("):
-        t = t[len("LowCardinality("):-1]
-    if t.startswith("Nullable("):
-        enc, dec, _ = _codec(t[len("Nullable("):-1])
-        return ((_same if enc is _same else (lambda v: None if v is None else enc(v))),
-                (_same if dec is _same else (lambda v: None if v is None else dec(v))), None)
-    if t == "UUID":
-        return str, uuid.UUID, _NIL
-    if t.startswith(("DateTime64", "DateTime")):
-        return ((lambda v: (v - _EPOCH) // _ONE_US),
-                (lambda v: _EPOCH + _ONE_US * v), _EPOCH)
-    if t.startswith("Array("):
-        return _same, _same, []
-    if t.startswith("Map("):
-        return (lambda v: dict(v)), _same, {}
-    if t.startswith(("UInt", "Int", "Bool")):
-        return _same, _same, 0
-    if t.startswith("Float"):
-        return _same, _same, 0.0
-    return _same, _same, ""
-
-
-_CODECS = [_codec(c.type) for c in schema.COLUMNS]
-_ENCODE = [(i, enc) for i, (enc, _, _) in enumerate(_CODECS) if enc is not _same]
-
-
-def encode_row(row: tuple[Any, ...]) -> bytes:
-    values = list(row)
-    for i, enc in _ENCODE:
-        values[i] = enc(values[i])
-    return compact_json(values).encode("utf-8")
-
-
-def _decoder(columns: list[str]) -> Any:
-    """A function decoding a payload written with ``columns`` into a row in today's order."""
-    where = {name: i for i, name in enumerate(columns)}
-    plan = [(where.get(name), dec, default) for name, (_, dec, default) in zip(schema.COLUMN_NAMES, _CODECS)]
-
-    def decode(payload: bytes) -> tuple[Any, ...]:
-        values = json.loads(payload)
-        return tuple(default if i is None else dec(values[i]) for i, dec, default in plan)
-    return decode
-
-
-def encode_record(kind: int, call_id: bytes, payload: bytes) -> bytes:
-    body = _KIND_ID.pack(kind, call_id) + payload
-    return _REC.pack(len(body), zlib.crc32(body)) + body
-
-
-def _header_record() -> bytes:
-    doc = {"format": FORMAT_VERSION, "columns": list(schema.COLUMN_NAMES)}
-    return encode_record(HEADER, bytes(16), json.dumps(doc).encode())
-
-
-def _call_id_bytes(value: Any) -> bytes:
-    return value.bytes if isinstance(value, uuid.UUID) else uuid.UUID(str(value)).bytes
-
-
-# ---------------------------------------------------------------------------- segment files
-def segment_path(directory: Path, seg: int) -> Path:
-    return directory / f"{seg:016d}{SEGMENT_SUFFIX}"
-
-
-def list_segments(directory: Path) -> list[int]:
-    out = []
-    for p in directory.glob(f"*{SEGMENT_SUFFIX}"):
-        stem = p.name[:-len(SEGMENT_SUFFIX)]
-        if stem.isdigit():
-            out.append(int(stem))
-    return sorted(out)
-
-
-@dataclasses.dataclass
-class ScanResult:
-    status: str = "eof"  # eof: clean end; torn: partial record at the end; corrupt: bad record
-    good_end: int = 0
-    zero_tail: bool = False  # the records end in preallocated space (SegmentWriter)
-
-
-def iter_records(path: Path, start: int, end: int | None, result: ScanResult,
-                 chunk: int = 1 << 20) -> Iterator[tuple[int, bytes, bytes, int, int]]:
-    """(kind, call_id, payload, offset, end offset) of each valid record in ``[start, end)``."""
-    result.good_end, result.status, result.zero_tail = start, "eof", False
-    with open(path, "rb") as f:
-        f.seek(start)
-        buf, i, off = bytearray(), 0, start
-        fpos = start
-
-        def have(n: int) -> bool:
-            nonlocal buf, i, fpos
-            while len(buf) - i < n:
-                if i:
-                    del buf[:i]
-                    i = 0
-                want = max(chunk, n - len(buf))
-                if end is not None:
-                    want = min(want, end - fpos)
-                data = f.read(want) if want > 0 else b""
-                if not data:
-                    return False
-                fpos += len(data)
-                buf += data
-            return True
-
-        while True:
-            if not have(_REC.size):
-                result.status = "eof" if len(buf) == i else "torn"
-                return
-            length, crc = _REC.unpack_from(buf, i)
-            if length == 0 and crc == 0:  # the zero-filled space after the last record
-                result.status = "eof"
-                result.zero_tail = True
-                return
-            if not _MIN_BODY <= length <= MAX_BODY:
-                result.status = "corrupt"
-                return
-            if not have(_REC.size + length):
-                result.status = "torn"
-                return
-            body = bytes(buf[i + _REC.size:i + _REC.size + length])
-            if zlib.crc32(body) != crc:
-                result.status = "corrupt"
-                return
-            kind, call_id = _KIND_ID.unpack_from(body)
-            rec_end = off + _REC.size + length
-            yield kind, call_id, body[_MIN_BODY:], off, rec_end
-            i += _REC.size + length
-            off = rec_end
-            result.good_end = off
-
-
-def read_header(path: Path) -> list[str] | None:
-    scan = ScanResult()
-    for kind, _, payload, _, _ in iter_records(path, 0, None, scan, chunk=64 << 10):
-        if kind == HEADER:
-            return list(json.loads(payload)["columns"])
-        return None
-    return None
-
-
-class SegmentWriter:
-    """The open segment: append, fdatasync, rotate. Used from one thread only.
-
-    With fsync on, records are written into space zero-filled ahead of them (``PREALLOCATE_BYTES``
-    at a time, as PostgreSQL does for its WAL): an ``fdatasync`` then has no file size or extent
-    to record, only data, which on ext4 spares a journal commit per group (~40 µs less wait and
-    ~20 µs less CPU per sync on the bench machine). Readers stop at the zero tail (an all-zero
-    record header, see ``iter_records``); a closed segment is cut back to its records.
-    """
-
-    def __init__(self, directory: Path, seg: int, segment_bytes: int, fsync: bool) -> None:
-        self.directory, self.segment_bytes, self.fsync = directory, segment_bytes, fsync
-        self.seg, self.size, self.fd = seg, 0, -1
-        self.zeroed = 0  # the file's length: [size, zeroed) is zero-filled
-        self.syncs = 0
-        self.header_size = len(_header_record())
-
-    def open(self, seg: int) -> int:
-        """Create segment ``seg`` with its header, durably. Returns its size."""
-        path = segment_path(self.directory, seg)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            header = _header_record()
-            os.write(fd, header)
-            os.fsync(fd)
-            _fsync_dir(self.directory)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.seg, self.size, self.zeroed, self.fd = seg, len(header), len(header), fd
-        return self.size
-
-    def append(self, data: bytes) -> Pos:
-        """Write ``data`` (whole records) and sync it; on failure the segment is cut back."""
-        if self.fd < 0:
-            self.open(self.seg + 1)
-        elif self.size + len(data) > self.segment_bytes and self.size > self.header_size:
-            self.close(sync=True)
-            self.open(self.seg + 1)
-        try:
-            end = self.size + len(data)
-            if self.fsync and end > self.zeroed:
-                self._zero_fill(max(end, min(self.zeroed + PREALLOCATE_BYTES, self.segment_bytes)))
-            _write_at(self.fd, data, self.size)
-            if self.fsync:
-                _fdatasync(self.fd)  # also makes a zero fill durable, file size included
-                self.syncs += 1
-        except OSError:
-            try:
-                os.ftruncate(self.fd, self.size)
-                self.zeroed = self.size
-            except OSError:  # cannot even cut back: continue in a fresh segment
-                self.close(sync=False)
-            raise
-        self.size = end
-        return self.seg, self.size
-
-    def _zero_fill(self, until: int) -> None:
-        _write_at(self.fd, bytes(until - self.zeroed), self.zeroed)
-        self.zeroed = until
-
-    def close(self, *, sync: bool, trim: bool = True) -> None:
-        """Close the segment, cut back to its records (``trim=False`` leaves the zero tail a
-        crash would: tests)."""
-        if self.fd >= 0:
-            try:
-                if trim and self.zeroed > self.size:
-                    os.ftruncate(self.fd, self.size)
-                    self.zeroed = self.size
-                if sync:
-                    os.fsync(self.fd)
-            finally:
-                os.close(self.fd)
-                self.fd = -1
-
-
-def _write_at(fd: int, data: bytes, offset: int) -> None:
-    view, written = memoryview(data), 0
-    while written < len(data):
-        written += os.pwrite(fd, view[written:], offset + written)
-
-
-# ---------------------------------------------------------------------------- shipper state
-@dataclasses.dataclass
-class SpoolState:
-    shipped: Pos = (0, 0)
-    """Every COMPLETE before this position is in the store."""
-    resume: Pos = (0, 0)
-    """Reading from here finds every BEGIN still waiting for its COMPLETE."""
-    heads: dict[str, Head] = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> bytes:
-        return json.dumps({"format": FORMAT_VERSION, "shipped": list(self.shipped), "resume": list(self.resume),
-                           "heads": {k: [h.seq, h.hash] for k, h in self.heads.items()}}).encode()
-
-
-def load_state(directory: Path) -> SpoolState:
-    path = directory / STATE_FILE
-    try:
-        doc = json.loads(path.read_bytes())
-        return SpoolState(tuple(doc["shipped"]), tuple(doc["resume"]),  # type: ignore[arg-type]
-                          {k: Head(int(v[0]), str(v[1])) for k, v in doc.get("heads", {}).items()})
-    except FileNotFoundError:
-        return SpoolState()
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        # Replaced atomically, so this is damage: replay everything (duplicates are replaced).
-        log.error("audit spool %s is unreadable (%s): replaying the whole spool", path, exc)
-        return SpoolState()
-
-
-def save_state(directory: Path, state: SpoolState) -> None:
-    tmp = directory / (STATE_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, state.to_json())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, directory / STATE_FILE)
-    _fsync_dir(directory)
-
-
-def shipped_heads(directory: Path) -> dict[str, int]:
-    """Highest seq per instance this spool has shipped (for ``chain.verify(expected_heads=...)``)."""
-    return {k: h.seq for k, h in load_state(directory).heads.items()}
-
-
-# ---------------------------------------------------------------------------- recovery
-@dataclasses.dataclass
-class Recovered:
-    state: SpoolState
-    sizes: dict[int, int]
-    open_begins: list[tuple[bytes, tuple[Any, ...]]]  # (call_id, begin row), oldest first
-    unshipped_rows: int
-    heads: dict[str, Head]
-    next_seg: int
-    damaged_segments: int
-
-
-def recover(directory: Path, instance: str) -> Recovered:
-    """Scan what previous runs left (blocking; the caller holds the LOCK)."""
-    state = load_state(directory)
-    segs = list_segments(directory)
-    for seg in [s for s in segs if s < state.resume[0]]:  # acked; the delete did not happen
-        segment_path(directory, seg).unlink(missing_ok=True)
-    segs = [s for s in segs if s >= state.resume[0]]
-    open_: dict[bytes, tuple[Pos, bytes, list[str]]] = {}
-    unshipped = damaged = 0
-    sizes: dict[int, int] = {}
-    for idx, seg in enumerate(segs):
-        path = segment_path(directory, seg)
-        columns = read_header(path)
-        if columns is None:
-            log.error("audit spool segment %s has no valid header: skipped", path.name)
-            damaged += 1
-            sizes[seg] = path.stat().st_size
-            continue
-        start = state.resume[1] if seg == state.resume[0] else 0
-        scan = ScanResult()
-        for kind, cid, payload, off, _ in iter_records(path, start, None, scan):
-            if kind == BEGIN:
-                open_[cid] = ((seg, off), payload, columns)
-            elif kind == COMPLETE:
-                open_.pop(cid, None)
-                if (seg, off) >= state.shipped:
-                    unshipped += 1
-        if scan.zero_tail and not _zeros_from(path, scan.good_end):
-            scan.status = "corrupt"  # records after a zeroed stretch: not a preallocated tail
-        if scan.zero_tail and scan.status == "eof":  # space a run preallocated and never closed
-            os.truncate(path, scan.good_end)
-        elif scan.status != "eof":
-            if idx == len(segs) - 1:
-                log.warning("audit spool: cutting a %s tail off %s at byte %d (the gateway stopped mid-write)",
-                            scan.status, path.name, scan.good_end)
-                os.truncate(path, scan.good_end)
-            else:
-                log.error("audit spool: %s record in %s at byte %d; the rest of that segment is skipped",
-                          scan.status, path.name, scan.good_end)
-                damaged += 1
-        sizes[seg] = path.stat().st_size
-    begins = []
-    for cid, (_, payload, columns) in sorted(open_.items(), key=lambda kv: kv[1][0]):
-        begins.append((cid, _decoder(columns)(payload)))
-    need = {instance} | {row[INSTANCE] for _, row in begins}
-    heads = {k: v for k, v in state.heads.items()}
-    found = _heads_from_segments(directory, segs, need)
-    for name, head in found.items():
-        if name not in heads or head.seq > heads[name].seq:
-            heads[name] = head
-    next_seg = max([*segs, state.resume[0], state.shipped[0]]) + 1
-    return Recovered(state, sizes, begins, unshipped, heads, next_seg, damaged)
-
-
-def _zeros_from(path: Path, offset: int, chunk: int = 1 << 20) -> bool:
-    """Whether the file holds nothing but zero bytes from ``offset`` on."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while data := f.read(chunk):
-            if data.count(0) != len(data):
-                return False
-    return True
-
-
-def _heads_from_segments(directory: Path, segs: list[int], need: set[str]) -> dict[str, Head]:
-    """The last chained row of each needed instance, searching segments from the newest."""
-    found: dict[str, Head] = {}
-    for seg in reversed(segs):
-        path = segment_path(directory, seg)
-        columns = read_header(path)
-        if columns is None:
-            continue
-        decode = _decoder(columns)
-        completes = [payload for kind, _, payload, _, _ in iter_records(path, 0, None, ScanResult())
-                     if kind == COMPLETE]
-        for payload in reversed(completes):
-            row = decode(payload)
-            name = row[INSTANCE]
-            if name in need and name not in found and row[SEQ] > 0:
-                found[name] = Head(int(row[SEQ]), str(row[ROW_HASH]))
-                if len(found) == len(need):
-                    return found
-    return found
-
-
-# ---------------------------------------------------------------------------- the spool
 @dataclasses.dataclass(slots=True)
 class _OpenCall:
     payload: bytes
@@ -521,7 +83,7 @@ def insert_spooled(client: Any, database: str, parts: list[tuple[tuple[str, ...]
     """
     rows: list[tuple[Any, ...]] = []
     for columns, payloads in parts:
-        decode = _decoder(list(columns))
+        decode = row_decoder(list(columns))
         rows.extend(decode(p) for p in payloads)
     _insert(client, database, rows, settings)
     heads: dict[str, tuple[int, str]] = {}
@@ -688,14 +250,14 @@ class AuditSpool:
         problem = self._refusal()
         if problem is None:
             try:
-                cid = _call_id_bytes(row[CALL_ID])
+                cid = call_id_bytes(row[CALL_ID])
                 rec = encode_record(BEGIN, cid, encode_row(row))
             except Exception as exc:  # a row that cannot be encoded is a bug: never let it pass silently
                 problem = f"audit record could not be encoded: {_describe(exc)}"
             else:
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 fut.add_done_callback(_retrieve)  # a begin that timed out leaves nobody to read it
-                self._open[cid] = _OpenCall(rec[_REC.size + _MIN_BODY:], None)
+                self._open[cid] = _OpenCall(rec[REC_HEAD.size + MIN_BODY:], None)
                 self._append(rec, begin_cid=cid, waiter=fut)
                 self._begins += 1
                 try:
@@ -726,7 +288,7 @@ class AuditSpool:
     def submit(self, row: tuple[Any, ...]) -> None:
         """Record a finished call: O(1) on the loop, never blocks, never raises."""
         try:
-            cid = _call_id_bytes(row[CALL_ID])
+            cid = call_id_bytes(row[CALL_ID])
             began = self._open.pop(cid, None) is not None
             if self._closing or self._chain is None:
                 self._drop("audit spool is not running")
