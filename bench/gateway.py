@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -59,28 +60,6 @@ class Keys:
         if team:
             claims["team"] = team
         return jwt.encode(claims, self.private_pem, algorithm="EdDSA")
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (str, Path)):
-        return json.dumps(str(v))
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def toml_dump(doc: dict[str, Any], prefix: str = "") -> str:
-    """Enough TOML for the bench configuration (nested tables, scalars, lists)."""
-    out = "".join(f"{k} = {_toml_value(v)}\n" for k, v in doc.items() if not isinstance(v, dict))
-    for k, v in doc.items():
-        if isinstance(v, dict):
-            name = f"{prefix}.{k}" if prefix else k
-            out += f"\n[{name}]\n" + toml_dump(v, name)
-    return out
 
 
 def config_doc(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca: Path,
@@ -152,7 +131,7 @@ def start_gateway(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca:
     workdir.mkdir(parents=True, exist_ok=True)
     doc = config_doc(workdir, keys, upstream_http=upstream_http, upstream_ca=upstream_ca, audit=audit)
     config = workdir / "agentgate.toml"
-    config.write_text(toml_dump(doc))
+    config.write_text(tomli_w.dumps(doc))
     child = procs.start("gateway", [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
                         ready_prefix="agentgate listening:", log=workdir / "gateway.log", cpus=cpus)
     parts = dict(p.split("=", 1) for p in child.ready_line.split(":", 1)[1].split())

@@ -20,6 +20,7 @@ from typing import Any
 
 import jwt
 import pytest
+import tomli_w
 import trustme
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
@@ -211,28 +212,17 @@ def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]
 
 
 # -- gateway processes -------------------------------------------------------------------
-def toml_dump(doc: dict[str, Any], prefix: str = "") -> str:
-    """Enough TOML for test configurations (tables, strings, numbers, bools, lists)."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (str, Path)):
-            return json.dumps(str(v))
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):  # inline table
-            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
-        raise TypeError(v)
-
-    scalars = [f"{k} = {value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
-    out = "\n".join(scalars) + "\n" if scalars else ""
-    for k, v in doc.items():
+def toml_dump(doc: dict[str, Any]) -> str:
+    """``doc`` as TOML (paths written as strings)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
         if isinstance(v, dict):
-            name = f"{prefix}.{k}" if prefix else k
-            out += f"\n[{name}]\n" + toml_dump(v, name)
-    return out
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return tomli_w.dumps(plain(doc))
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
