@@ -1,5 +1,7 @@
 # agentgate: `make run` starts the gateway with embedded defaults; `make test` runs the suite.
-# Dependencies are installed only from requirements.lock (every package pinned and hash-checked).
+# Dependencies are installed only from lock files (every package pinned and hash-checked):
+# requirements.lock is what the gateway runs on (the Docker image), requirements-test.lock adds the
+# test extras with the same pins (this venv: make run, make test, make bench).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,9 +13,9 @@ MCP_STAMP := .venv-mcp/.installed
 
 # The gateway runs with -O (PYTHONOPTIMIZE=1), so the install compiles .opt-1.pyc files too: without
 # them every start compiles the dependencies from source where bytecode is not written.
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements-test.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements-test.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -O -m compileall -q -j 0 $(VENV)/lib >/dev/null || echo "note: some files did not compile for -O; they compile when imported"
 	touch $(STAMP)
@@ -41,11 +43,14 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; } || true
 	$(PY) -m bench $(BENCH_ARGS)
 
-# Regenerate the lock after changing dependencies in pyproject.toml (needs pip-tools).
+# Regenerate the locks after changing dependencies in pyproject.toml (needs pip-tools). Each keeps
+# the pins it already has where they still fit.
 lock:
 	$(PY) -m pip install --quiet pip-tools
-	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test \
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 		-o requirements.lock pyproject.toml requirements-build.in
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test \
+		-o requirements-test.lock pyproject.toml requirements-build.in
 
 lock-mcp:
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
