@@ -238,6 +238,12 @@ class Pipeline:
         except NotRedactable as exc:
             self.unredactable(call, exc)
             return body
+        except Exception as exc:  # noqa: BLE001 - a bug or a dead worker: the body must not pass
+            # The type only: an exception's message may quote the body.
+            log.error("redaction failed on call %s: %s", call.call_id, type(exc).__name__)
+            call.reasons.append(f"redaction failed: {type(exc).__name__}")
+            raise GatewayError("the response must be redacted but the redaction failed; refused",
+                               code="response_not_redactable", status=502, outcome="redaction_failed") from None
         self.record_redaction(call, report)
         return new
 

@@ -152,6 +152,13 @@ class RouteFrontEnd:
         except GatewayError as err:  # the response cannot be redacted and the route refuses it
             self.pipeline.fail(call, err)
             return error_response(err, call.call_id)
+        except Exception:  # noqa: BLE001 - a bug must not leave the call unaudited or answered in plain text
+            if call.finished:
+                raise  # a stream had started: it is recorded, and cutting it is the only signal left
+            log.exception("internal error relaying call %s", call.call_id)
+            err = GatewayError("internal gateway error")
+            self.pipeline.fail(call, err)
+            return error_response(err, call.call_id)
         finally:
             upstream.release()
 
@@ -237,6 +244,10 @@ class RouteFrontEnd:
                 call.response_bytes = sent
                 self._broken(call, exc)
                 raise  # headers are out: cutting the connection is the only honest signal
+        except Exception:
+            call.response_bytes = sent
+            self.pipeline.fail(call, GatewayError("internal gateway error while relaying the response"))
+            raise  # as above
         finally:
             self.pipeline.streams.discard(call)
             if sse is not None:

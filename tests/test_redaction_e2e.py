@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import json
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
@@ -212,8 +213,8 @@ def gw_defaults(gateway_factory, pii_upstream: Upstream) -> Gateway:
     return gateway_factory({"routes": {"pii": {"upstream": pii_upstream.url}}}, name="redaction-defaults")
 
 
-def _child_commands(pid: int) -> list[str]:
-    """The command lines of ``pid``'s child processes."""
+def _children(pid: int) -> list[tuple[int, str]]:
+    """``pid``'s child processes: (pid, command line)."""
     found = []
     for entry in os.listdir("/proc"):
         try:
@@ -221,19 +222,37 @@ def _child_commands(pid: int) -> list[str]:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             if ppid == pid:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    found.append(f.read().replace(b"\0", b" ").decode())
+                    found.append((int(entry), f.read().replace(b"\0", b" ").decode()))
         except (OSError, ValueError, IndexError):
             continue  # not a process, or gone meanwhile
     return found
+
+
+def _redaction_workers(gw: Gateway) -> list[int]:
+    return [pid for pid, cmd in _children(gw.proc.pid) if "multiprocessing.spawn" in cmd]
 
 
 def test_redaction_worker_starts_with_the_gateway(gw_defaults: Gateway) -> None:
     """Started on the first large body, the worker made that call wait ~1 s for a Python
     process to start and import the redaction library."""
     deadline = time.monotonic() + 60
-    while not any("multiprocessing.spawn" in cmd for cmd in _child_commands(gw_defaults.proc.pid)):
-        assert time.monotonic() < deadline, _child_commands(gw_defaults.proc.pid)
+    while not _redaction_workers(gw_defaults):
+        assert time.monotonic() < deadline, _children(gw_defaults.proc.pid)
         time.sleep(0.05)  # polling for the process to appear, bounded by the deadline
+
+
+def test_a_redaction_worker_that_died_is_replaced(gw_defaults: Gateway, keys: Keys) -> None:
+    """A worker killed from outside (the OOM killer) must not leave every later large body
+    unredactable until the gateway restarts."""
+    first = fetch(gw_defaults, keys, "pii", "/pii/huge", kind="huge")
+    assert first.status == 200 and EMAIL not in first.body.decode()
+    (worker,) = _redaction_workers(gw_defaults)
+    os.kill(worker, signal.SIGKILL)
+    for _ in range(2):  # the call that finds the pool broken, and the next
+        resp = fetch(gw_defaults, keys, "pii", "/pii/huge", kind="huge")
+        assert resp.status == 200, resp.body
+        assert EMAIL not in resp.body.decode() and "[REDACTED:email]" in resp.body.decode()
+    assert _redaction_workers(gw_defaults) not in ([], [worker])
 
 
 def test_redaction_counts_as_gateway_time_not_upstream_time(gw_defaults: Gateway, keys: Keys) -> None:

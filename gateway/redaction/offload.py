@@ -13,12 +13,16 @@ from __future__ import annotations
 import asyncio
 import atexit
 import importlib
+import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .report import RedactionReport
 from .settings import RedactionSettings
+
+log = logging.getLogger("agentgate.redaction")
 
 _pool: ProcessPoolExecutor | None = None
 _worker_redactors: dict[str, Any] = {}
@@ -28,14 +32,18 @@ def _pool_instance() -> ProcessPoolExecutor:
     global _pool
     if _pool is None:
         _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        atexit.register(shutdown)
     return _pool
 
 
 def prestart() -> None:
     """Start the worker now without waiting for it: it imports the library while the gateway
     serves, and the first large body finds it ready."""
-    _pool_instance().submit(_ready)
+    pool = _pool_instance()
+    try:
+        pool.submit(_ready)
+    except Exception as exc:  # noqa: BLE001 - only a head start: the first large body tries again
+        log.warning("redaction worker not started ahead: %s", exc)
+        _discard(pool)
 
 
 def _ready() -> None:
@@ -47,6 +55,9 @@ def shutdown() -> None:
     if _pool is not None:
         _pool.shutdown(wait=False, cancel_futures=True)
         _pool = None
+
+
+atexit.register(shutdown)
 
 
 def _redact_in_worker(settings_json: str, fields: tuple[str, ...], detectors: tuple[str, ...], body: bytes,
@@ -64,5 +75,20 @@ def _redact_in_worker(settings_json: str, fields: tuple[str, ...], detectors: tu
 async def redact_in_process(settings: RedactionSettings, fields: tuple[str, ...], detectors: tuple[str, ...],
                             body: bytes, content_type: str, content_encoding: str | None) -> tuple[bytes, RedactionReport]:
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_pool_instance(), _redact_in_worker, settings.model_dump_json(), fields,
-                                      detectors, body, content_type, content_encoding)
+    args = (settings.model_dump_json(), fields, detectors, body, content_type, content_encoding)
+    pool = _pool_instance()
+    try:
+        return await loop.run_in_executor(pool, _redact_in_worker, *args)
+    except BrokenProcessPool:
+        # The worker died (killed from outside, or crashed on this body). Start a new one and try
+        # once more; if that one dies too, the caller refuses the response.
+        log.error("redaction worker died; starting a new one")
+        _discard(pool)
+        return await loop.run_in_executor(_pool_instance(), _redact_in_worker, *args)
+
+
+def _discard(pool: ProcessPoolExecutor) -> None:
+    global _pool
+    if _pool is pool:
+        _pool = None
+    pool.shutdown(wait=False, cancel_futures=True)
