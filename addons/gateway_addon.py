@@ -133,11 +133,21 @@ class AgentGate:
         self.tunnels[flow.client_conn] = _Tunnel(identity, flow.request.host)
         flow.request.headers.pop("proxy-authorization", None)
 
+    # mitmproxy logs an exception raised by a hook and carries on with the flow: the request would
+    # go upstream unjudged, the response reach the agent unredacted. So each hook that decides
+    # catches everything and refuses instead.
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
-        tunnel = self.tunnels.get(flow.client_conn)
-        call = Call(request=self._gateway_request(flow, tunnel))
+        call = None
+        try:
+            tunnel = self.tunnels.get(flow.client_conn)
+            call = Call(request=self._gateway_request(flow, tunnel))
+            await self._request(flow, call, tunnel)
+        except Exception:  # noqa: BLE001 - see above
+            self._internal_error(flow, call)
+
+    async def _request(self, flow: http.HTTPFlow, call: Call, tunnel: _Tunnel | None) -> None:
         credential = flow.request.headers.get("proxy-authorization")
         if (batch := mcp.batch_of(call, self.pipeline.cfg.policy.inspect_body_bytes)) is not None:
             await self._mcp_batch(flow, call, batch, credential, tunnel)  # each element its own call
@@ -147,10 +157,6 @@ class AgentGate:
                                       identity=tunnel.identity if tunnel else None)
         except GatewayError as err:
             self._refuse(flow, call, err)
-            return
-        except Exception:  # noqa: BLE001 - never let a bug leave a call unaudited or let it through
-            log.exception("internal error on call %s", call.call_id)
-            self._refuse(flow, call, GatewayError("internal gateway error"))
             return
         flow.request.headers.pop("proxy-authorization", None)
         if credential and flow.request.headers.get("authorization") == credential:
@@ -162,11 +168,7 @@ class AgentGate:
         flow.metadata[CALL_KEY] = call
         call.upstream_started = time.perf_counter()
         if mcp.takes_over(call):  # an MCP listing: the gateway exchanges it itself, to filter it whole
-            try:
-                flow.response = reply_flow_response(await mcp.exchange_direct(self.pipeline, call, credential))
-            except Exception:  # noqa: BLE001 - never let a bug let it through
-                log.exception("internal error on call %s", call.call_id)
-                self._refuse(flow, call, GatewayError("internal gateway error"))
+            flow.response = reply_flow_response(await mcp.exchange_direct(self.pipeline, call, credential))
 
     async def _mcp_batch(self, flow: http.HTTPFlow, call: Call, batch: list[Any], credential: str | None,
                          tunnel: _Tunnel | None) -> None:
@@ -179,6 +181,16 @@ class AgentGate:
             flow.response = error_flow_response(GatewayError("internal gateway error"), call.call_id)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._responseheaders(flow)
+        except Exception:  # noqa: BLE001 - see request(); the body is not read yet: end the flow
+            call: Call | None = flow.metadata.get(CALL_KEY)
+            log.exception("internal error on call %s", call.call_id if call else "(none)")
+            if call is not None:
+                self.pipeline.fail(call, GatewayError("internal gateway error"))
+            flow.kill()
+
+    def _responseheaders(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
         if call is None or flow.response is None:
             return
@@ -220,6 +232,12 @@ class AgentGate:
         return None
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._response(flow)
+        except Exception:  # noqa: BLE001 - see request()
+            self._internal_error(flow, flow.metadata.get(CALL_KEY))
+
+    async def _response(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
         if call is None or flow.response is None or call.finished:
             return
@@ -303,6 +321,17 @@ class AgentGate:
             client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else "",
             connect_host=connect_host,
         )
+
+    def _internal_error(self, flow: http.HTTPFlow, call: Call | None) -> None:
+        """A bug in a hook: refuse the flow (audited when there is a call), or at least kill it."""
+        log.exception("internal error on call %s", call.call_id if call else "(not built)")
+        try:
+            if call is not None:
+                self._refuse(flow, call, GatewayError("internal gateway error"))
+                return
+        except Exception:  # noqa: BLE001 - refusing failed too: the flow must still not pass
+            log.exception("could not refuse call %s", call.call_id)
+        flow.kill()
 
     def _refuse(self, flow: http.HTTPFlow, call: Call, err: GatewayError) -> None:
         self.pipeline.fail(call, err)
