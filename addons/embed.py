@@ -21,7 +21,7 @@ log = logging.getLogger("agentgate.forward")
 class EmbeddedProxy:
     def __init__(self, *, host: str, port: int, confdir: Path, addon: object,
                  upstream_ca_file: Path | None, verify_upstream_tls: bool,
-                 idle_seconds: float) -> None:
+                 idle_seconds: float, max_body_bytes: int) -> None:
         self._settings = dict(
             mode=["regular"],
             listen_host=host,
@@ -31,7 +31,13 @@ class EmbeddedProxy:
             connection_strategy="lazy",
             ssl_insecure=not verify_upstream_tls,
             ssl_verify_upstream_trusted_ca=str(upstream_ca_file) if upstream_ca_file else None,
-            stream_large_bodies="1m",
+            # Never relay a tunnel as raw TCP (no policy, no audit): what is not HTTP gets a 400.
+            rawtcp=False,
+            # Bodies are read whole before the request hook judges them (mitmproxy's
+            # stream_large_bodies would send a large request upstream first); the addon streams
+            # responses itself where nothing needs redacting. Larger bodies are refused (413 / 502).
+            stream_large_bodies=None,
+            body_size_limit=str(max_body_bytes),
             tcp_timeout=int(idle_seconds),
         )
         self._addon = addon

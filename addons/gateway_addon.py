@@ -15,16 +15,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.utils import human
 
 from gateway import mcp
-from gateway.errors import CALL_ID_HEADER, GatewayError, UpstreamError, error_body
+from gateway.errors import CALL_ID_HEADER, BadRequest, GatewayError, UpstreamError, error_body
+from gateway.identity import extract_bearer
 from gateway.models import Call, GatewayRequest, Identity
-from gateway.pipeline import Pipeline
+from gateway.pipeline import RANGE_HEADERS, Pipeline
 from gateway.redaction import NotRedactable
 
 log = logging.getLogger("agentgate.forward")
 
 CALL_KEY = "agentgate.call"
+STREAM_FROM_BYTES = 1 << 20
+"""Responses with nothing to redact are relayed as they arrive from this size (or of unknown
+size) instead of being held whole."""
 
 
 def error_flow_response(err: GatewayError, call_id: str) -> http.Response:
@@ -36,9 +41,37 @@ def reply_flow_response(reply: mcp.Reply) -> http.Response:
     return http.Response.make(reply.status, reply.body, reply.headers)
 
 
+def _answer_instead(flow: http.HTTPFlow, err: GatewayError, call_id: str) -> None:
+    """Answer ``err`` in place of a response whose headers are in but whose body is not: the
+    upstream's body is read and dropped, the agent gets the JSON error."""
+    body = error_body(err.code, err.message, call_id)
+    made = error_flow_response(err, call_id)
+    made.headers["content-length"] = str(len(body))
+    assert flow.response is not None
+    flow.response.status_code, flow.response.reason = made.status_code, made.reason
+    flow.response.headers = made.headers
+    flow.response.stream = lambda chunk: [] if chunk else [body]
+
+
+def _tokens(*credentials: str | None) -> set[str]:
+    """The agent tokens in these Authorization / Proxy-Authorization values."""
+    out = set()
+    for value in credentials:
+        try:
+            out.add(extract_bearer(value))
+        except GatewayError:
+            continue
+    return out
+
+
 def _split_path(raw: bytes) -> tuple[str, str]:
     path, _, query = raw.decode("latin-1").partition("?")
     return path or "/", query
+
+
+def _small(response: http.Response) -> bool:
+    declared = response.headers.get("content-length", "")
+    return declared.isdigit() and int(declared) < STREAM_FROM_BYTES
 
 
 def _sent(flow: http.HTTPFlow) -> int:
@@ -95,6 +128,8 @@ class _StreamRelay:
 class _Tunnel:
     identity: Identity
     host: str
+    token: str
+    """The agent's own token: never forwarded upstream, whatever header carries it."""
 
 
 class AgentGate:
@@ -130,8 +165,34 @@ class AgentGate:
             call = Call(request=self._gateway_request(flow))
             self._refuse(flow, call, err)
             return
-        self.tunnels[flow.client_conn] = _Tunnel(identity, flow.request.host)
+        credential = flow.request.headers.get("proxy-authorization")
+        self.tunnels[flow.client_conn] = _Tunnel(identity, flow.request.host, extract_bearer(credential))
         flow.request.headers.pop("proxy-authorization", None)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A body declared larger than mitmproxy's body_size_limit: mitmproxy answers 413 itself
+        right after this hook and never calls request(); record the refusal here."""
+        limit = human.parse_size(ctx.options.body_size_limit)
+        declared = flow.request.headers.get("content-length", "")
+        if limit is None or not declared.isdigit() or int(declared) <= limit:
+            return
+        tunnel = self.tunnels.get(flow.client_conn)
+        call = Call(request=self._gateway_request(flow, tunnel, with_body=False))
+        try:
+            call.identity = tunnel.identity if tunnel else await self.pipeline.authenticate(
+                "forward", flow.request.headers.get("proxy-authorization"))
+        except GatewayError:
+            pass  # refused for its size all the same; the row says who it was when it can
+        self.pipeline.fail(call, GatewayError(f"request body larger than {limit} bytes", code="request_too_large",
+                                              status=413, outcome="rejected"))
+
+    def tcp_start(self, flow: Any) -> None:
+        """Never a raw TCP relay (no policy, no audit): rawtcp is off, this holds should a
+        mitmproxy layer pick TCP all the same."""
+        log.warning("refusing a raw TCP flow to %s", flow.server_conn.address)
+        flow.kill()
+
+    udp_start = tcp_start
 
     # mitmproxy logs an exception raised by a hook and carries on with the flow: the request would
     # go upstream unjudged, the response reach the agent unredacted. So each hook that decides
@@ -149,6 +210,9 @@ class AgentGate:
 
     async def _request(self, flow: http.HTTPFlow, call: Call, tunnel: _Tunnel | None) -> None:
         credential = flow.request.headers.get("proxy-authorization")
+        if tunnel is not None and len(flow.request.headers.get_all("host")) > 1:
+            self._refuse(flow, call, BadRequest("more than one Host header", code="host_mismatch"))
+            return
         if (batch := mcp.batch_of(call, self.pipeline.cfg.policy.inspect_body_bytes)) is not None:
             await self._mcp_batch(flow, call, batch, credential, tunnel)  # each element its own call
             return
@@ -158,13 +222,18 @@ class AgentGate:
         except GatewayError as err:
             self._refuse(flow, call, err)
             return
-        flow.request.headers.pop("proxy-authorization", None)
-        if credential and flow.request.headers.get("authorization") == credential:
-            del flow.request.headers["authorization"]  # never forward the agent's own JWT
+        self._strip_agent_credentials(flow, credential, tunnel)
+        if call.redaction is not None:
+            for name in RANGE_HEADERS:  # the response must come back whole to be redacted
+                flow.request.headers.pop(name, None)
         # What policy judged is what goes upstream: the canonical path (and host, outside a tunnel).
         flow.request.path = call.canonical_path + (f"?{call.request.query}" if call.request.query else "")
         if tunnel is None:
             flow.request.host = call.canonical_host
+        elif flow.request.http_version.startswith("HTTP/1"):
+            # Origin-form: an absolute-form target would name its own authority upstream, and an
+            # origin server follows that rather than the Host header policy judged.
+            flow.request.authority = ""
         flow.metadata[CALL_KEY] = call
         call.upstream_started = time.perf_counter()
         if mcp.takes_over(call):  # an MCP listing: the gateway exchanges it itself, to filter it whole
@@ -200,12 +269,14 @@ class AgentGate:
         if call.redaction is not None:
             try:
                 sse = self._plan_response_redaction(flow, call, ctype)
-            except GatewayError as err:  # must be redacted, cannot be: the agent gets nothing
+            except GatewayError as err:  # must be redacted, cannot be: the agent gets the error
                 self.pipeline.fail(call, err)
-                flow.kill()
+                _answer_instead(flow, err, call.call_id)
                 return
             if sse is None and not flow.response.stream:
                 return  # buffered; the response hook redacts it
+        elif not _small(flow.response):
+            flow.response.stream = True  # nothing to redact: relay it, do not hold it
         if ctype in self._stream_types or flow.response.stream or sse is not None:
             counter = _StreamRelay(sse, flow)
             flow.metadata["agentgate.counter"] = counter
@@ -219,6 +290,7 @@ class AgentGate:
         assert flow.response is not None
         encoding = flow.response.headers.get("content-encoding")
         try:
+            self.pipeline.check_partial_response(call, flow.response.status_code, ctype)
             if ctype == "text/event-stream":
                 return call.redaction.sse(encoding)
             limit = self.pipeline.cfg.redaction.max_inspect_bytes
@@ -227,6 +299,7 @@ class AgentGate:
                 raise NotRedactable("too_large", f"body exceeds {limit} bytes")
         except NotRedactable as exc:
             self.pipeline.unredactable(call, exc)  # raises unless passing is allowed
+            flow.response.stream = True  # passing: relayed as it is, audited as such
             return None
         flow.response.stream = False
         return None
@@ -304,7 +377,8 @@ class AgentGate:
         self.pipeline.fail(call, UpstreamError(f"upstream failed: {message}", code="upstream_error"))
 
     # -- translation -------------------------------------------------------------------
-    def _gateway_request(self, flow: http.HTTPFlow, tunnel: _Tunnel | None = None) -> GatewayRequest:
+    def _gateway_request(self, flow: http.HTTPFlow, tunnel: _Tunnel | None = None, *,
+                         with_body: bool = True) -> GatewayRequest:
         req = flow.request
         path, query = _split_path(req.data.path) if req.method != "CONNECT" else ("/", "")
         host = req.host
@@ -314,7 +388,9 @@ class AgentGate:
             # Inside a CONNECT tunnel the Host header (or :authority) must name the tunnel's target.
             connect_host = tunnel.host
             host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
-        body = req.get_content(strict=False) if req.method != "CONNECT" else b""
+        # The body as sent: policy judges the bytes the upstream receives (mitmproxy's
+        # get_content would decode any Python codec a Content-Encoding names, unbounded).
+        body = req.raw_content if req.method != "CONNECT" and with_body else b""
         return GatewayRequest(
             mode="forward", method=req.method, scheme=req.scheme, host=host, port=req.port,
             path=path, query=query, headers=list(req.headers.items(multi=True)), body=body or b"",
@@ -332,6 +408,17 @@ class AgentGate:
         except Exception:  # noqa: BLE001 - refusing failed too: the flow must still not pass
             log.exception("could not refuse call %s", call.call_id)
         flow.kill()
+
+    @staticmethod
+    def _strip_agent_credentials(flow: http.HTTPFlow, credential: str | None, tunnel: _Tunnel | None) -> None:
+        """The agent's own token never goes upstream: Proxy-Authorization is dropped, and so is
+        any Authorization value that carries the same token (Bearer or Basic)."""
+        flow.request.headers.pop("proxy-authorization", None)
+        own = _tokens(credential) | ({tunnel.token} if tunnel else set())
+        values = flow.request.headers.get_all("authorization")
+        kept = [v for v in values if not _tokens(v) & own]
+        if len(kept) != len(values):
+            flow.request.headers.set_all("authorization", kept)
 
     def _refuse(self, flow: http.HTTPFlow, call: Call, err: GatewayError) -> None:
         self.pipeline.fail(call, err)

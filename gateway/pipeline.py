@@ -43,6 +43,9 @@ from storage.spool import AuditSpool, AuditUnavailable
 
 log = logging.getLogger("agentgate.pipeline")
 
+RANGE_HEADERS = frozenset({"range", "if-range"})
+"""Request headers dropped when the response must be redacted: it must come back whole."""
+
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -246,6 +249,15 @@ class Pipeline:
                                code="response_not_redactable", status=502, outcome="redaction_failed") from None
         self.record_redaction(call, report)
         return new
+
+    def check_partial_response(self, call: Call, status: int, content_type: str) -> None:
+        """A byte range of a body cannot be redacted as the body would be (a slice of a JSON
+        document can itself be valid JSON holding only the secret): refused, or passed where
+        unredactable responses may pass. (Front ends drop RANGE_HEADERS from requests whose
+        response must be redacted, so only an upstream that ignores that sends one.)"""
+        if call.redaction is not None and (
+                status == 206 or content_type.strip().lower().startswith("multipart/byteranges")):
+            self.unredactable(call, NotRedactable("partial_content", "a byte range of the body"))
 
     def unredactable(self, call: Call, exc: NotRedactable) -> None:
         """Fail closed on a response that cannot be redacted, or record the audited pass."""

@@ -1,0 +1,105 @@
+"""A raw-socket HTTP/1.1 client for driving the forward proxy byte for byte (absolute-form targets,
+duplicate headers, raw bytes in a tunnel): what well-behaved clients never send."""
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+from pathlib import Path
+
+
+def proxy_addr(gw) -> tuple[str, int]:
+    host, port = gw.proxy.rsplit(":", 1)
+    return host, int(port)
+
+
+def read_response(sock, timeout: float = 20.0) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response (Content-Length or chunked or close)."""
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    body = rest
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        while len(body) < n:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        body = body[:n]
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        out = b""
+        data = body
+        while True:
+            while b"\r\n" not in data:
+                c = sock.recv(65536)
+                if not c:
+                    return status, headers, out
+                data += c
+            size_line, _, data = data.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            while len(data) < size + 2:
+                c = sock.recv(65536)
+                if not c:
+                    break
+                data += c
+            if size == 0:
+                break
+            out += data[:size]
+            data = data[size + 2:]
+        body = out
+    elif status not in (204, 304) and not status // 100 == 1 and status != 200 or headers.get("connection") == "close":
+        try:
+            while True:
+                c = sock.recv(65536)
+                if not c:
+                    break
+                body += c
+        except socket.timeout:
+            pass
+    return status, headers, body
+
+
+def tunnel(gw, target: str, token: str | None, ca_file: Path, server_hostname: str = "127.0.0.1"):
+    """CONNECT through the proxy (Proxy-Authorization: Bearer token) and wrap TLS with the gateway's CA."""
+    sock = socket.create_connection(proxy_addr(gw), timeout=20)
+    auth = f"Proxy-Authorization: Bearer {token}\r\n" if token else ""
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
+    status, headers, _ = read_response_head_only(sock)
+    assert status == 200, (status, headers)
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    ctx.check_hostname = False
+    return ctx.wrap_socket(sock, server_hostname=server_hostname)
+
+
+def read_response_head_only(sock):
+    sock.settimeout(20)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        c = sock.recv(1)
+        if not c:
+            break
+        buf += c
+    lines = buf.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    return status, headers, b""
+
+
+def basic(token: str) -> str:
+    return "Basic " + base64.b64encode(f"agent:{token}".encode()).decode()
