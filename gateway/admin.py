@@ -87,6 +87,9 @@ class AdminApi:
         except web.HTTPException as exc:
             code = "not_found" if exc.status == 404 else "method_not_allowed" if exc.status == 405 else "bad_request"
             return json_error(GatewayError(exc.reason, code=code, status=exc.status), request_id)
+        except Exception:  # noqa: BLE001 - a bug, or a store that is down: still a JSON answer
+            log.exception("admin request %s %s failed (request %s)", request.method, request.path, request_id)
+            return json_error(GatewayError("internal error; the gateway log has the details"), request_id)
         resp.headers[CALL_ID_HEADER] = request_id
         return resp
 
@@ -182,6 +185,7 @@ class AdminApi:
             await self.events.record(actor, "audit.sql", "", result="refused", detail=sql[:2000])
             raise GatewayError(str(exc), code="query_not_allowed", status=400) from None
         except QueryError as exc:
+            await self.events.record(actor, "audit.sql", "", result="error", detail=sql[:2000])
             raise GatewayError(str(exc), code="query_error", status=400) from None
         await self.events.record(actor, "audit.sql", "", detail=sql[:2000])
         return web.json_response({"columns": columns, "rows": rows, "row_count": len(rows),

@@ -61,7 +61,10 @@ def parse_since(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
         when = dt.datetime.fromisoformat(raw)
     except ValueError:
         raise ValueError(f"{raw!r} is neither a duration (2h, 24h, 7d, 30d) nor an ISO 8601 time") from None
-    return utc(when)
+    try:
+        return utc(when)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError(f"{raw!r} is out of range") from None
 
 
 def utc(value: dt.datetime) -> dt.datetime:

@@ -47,6 +47,34 @@ WRITE_KEYWORDS = frozenset({
 })
 
 
+# ClickHouse's table functions (system.table_functions of chDB 4.4; tests/test_storage.py checks
+# the list against the running store): they read files and URLs, reach other servers, run
+# programs. DESCRIBE file(...) / url(...) reads the file or fetches the URL even with readonly=1,
+# and the error it raises quotes what it read. A call to one is refused wherever it appears,
+# except the generators, which read nothing (numbers(), values() ...).
+GENERATORS = frozenset({"numbers", "numbers_mt", "zeros", "zeros_mt", "primes", "generate_series",
+                        "generateseries", "values", "sqlstandardvalues", "null"})
+TABLE_FUNCTIONS = frozenset(name.lower() for name in (
+    "SQLStandardValues", "arrowstream", "azureBlobStorage", "azureBlobStorageCluster", "bigquery",
+    "cluster", "clusterAllReplicas", "cosn", "deltaLake", "deltaLakeAzure", "deltaLakeAzureCluster",
+    "deltaLakeCluster", "deltaLakeLocal", "deltaLakeS3", "deltaLakeS3Cluster", "dictionary", "eval",
+    "executable", "file", "fileCluster", "filesystem", "format", "fuzzJSON", "fuzzQuery", "gcs",
+    "generateRandom", "generateSeries", "generate_series", "hdfs", "hdfsCluster", "hudi",
+    "hudiCluster", "iceberg", "icebergAzure", "icebergAzureCluster", "icebergCluster",
+    "icebergHDFS", "icebergHDFSCluster", "icebergLocal", "icebergLocalCluster", "icebergS3",
+    "icebergS3Cluster", "input", "jdbc", "loop", "merge", "mergeTreeAnalyzeIndexes",
+    "mergeTreeAnalyzeIndexesUUID", "mergeTreeCodecBlockCounts", "mergeTreeIndex",
+    "mergeTreeProjection", "mergeTreeTextIndex", "mongodb", "mysql", "null", "numbers",
+    "numbers_mt", "odbc", "oss", "paimon", "paimonAzure", "paimonAzureCluster", "paimonCluster",
+    "paimonHDFS", "paimonHDFSCluster", "paimonLocal", "paimonS3", "paimonS3Cluster", "postgresql",
+    "primes", "prometheusQuery", "prometheusQueryRange", "python", "redis", "remote",
+    "remoteSecure", "s3", "s3Cluster", "sqlite", "timeSeriesData", "timeSeriesMetricFamilies",
+    "timeSeriesMetrics", "timeSeriesSamples", "timeSeriesSelector", "timeSeriesTags", "url",
+    "urlCluster", "values", "view", "viewExplain", "viewIfPermitted", "ytsaurus", "zeros",
+    "zeros_mt",
+))
+
+
 class StoreError(Exception):
     """The audit store cannot be used (not open, cannot connect, bad configuration)."""
 
@@ -149,6 +177,8 @@ def check_readonly_sql(sql: str) -> str:
     for idx, (kind, start, end) in enumerate(toks):
         if kind == "punct" and sql[start] == ";":
             raise QueryRejected("only one statement is allowed")
+        if idx + 1 < len(toks) and toks[idx + 1][0] == "punct" and sql[toks[idx + 1][1]] == "(":
+            _check_call(sql[start:end], kind)
         word = sql[start:end].upper() if kind == "word" else ""
         if idx == 1 and first == "SHOW" and word == "CREATE":  # SHOW CREATE TABLE ...
             continue
@@ -157,6 +187,16 @@ def check_readonly_sql(sql: str) -> str:
                 f"{word} is not allowed in a read-only query "
                 "(quote an identifier of that name with backticks)")
     return sql[toks[0][1]:toks[-1][2]]
+
+
+def _check_call(name: str, kind: str) -> None:
+    """Refuse a call of a table function, or of anything named by a quoted identifier."""
+    if kind == "literal":
+        if name[0] in "`\"":
+            raise QueryRejected(f"calling {name} (a quoted name) is not allowed in an audit query")
+    elif name.lower() in TABLE_FUNCTIONS and name.lower() not in GENERATORS:
+        raise QueryRejected(f"table function {name}() is not allowed in an audit query "
+                            "(it reads files or URLs, or reaches other servers)")
 
 
 def to_json_value(value: Any) -> Any:

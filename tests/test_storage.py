@@ -22,7 +22,8 @@ from storage import schema
 from storage.audit import REDACTED, call_to_row, redact_query
 from storage.chain import GENESIS, row_hash, verify
 from storage.spool import list_segments, segment_path
-from storage.store import QueryError, QueryRejected, Store, StoreError, check_readonly_sql, redact_dsn
+from storage.store import (TABLE_FUNCTIONS, QueryError, QueryRejected, Store, StoreError, check_readonly_sql,
+                           redact_dsn)
 from tests.storage_helpers import dsn, make_call, select, spool, store  # noqa: F401 (store: a fixture)
 
 DB = "agentgate"
@@ -184,6 +185,13 @@ async def test_query_readonly_refuses_writes_and_keeps_data(store: Store, tmp_pa
     assert await select(store, "SELECT count() FROM agentgate.calls") == [(1,)]
     # The worker's own client is not left read-only.
     await store.run(lambda c: c.command("CREATE TABLE agentgate.scratch (x UInt8) ENGINE = Memory"))
+
+
+async def test_every_table_function_of_the_store_is_known(store: Store) -> None:
+    """storage.store.TABLE_FUNCTIONS is refused in admin SQL: a chDB upgrade that adds a table
+    function (a new way to read files or reach the network) must extend it."""
+    _, rows = await store.query_readonly("SELECT name FROM system.table_functions", limit=10_000)
+    assert {name.lower() for (name,) in rows} <= TABLE_FUNCTIONS
 
 
 async def test_query_readonly_results(store: Store) -> None:
