@@ -124,14 +124,15 @@ class RouteFrontEnd:
         return error_response(err, call.call_id)
 
     async def _relay(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        headers = response_headers(upstream)
+        headers = response_headers(upstream, session=not self.upstream.injects_credential(call.request.route))
         headers[CALL_ID_HEADER] = call.call_id
         length = upstream.content_length
         is_sse = upstream.content_type == "text/event-stream"
         sse = None
         rpc = mcp.reply_handler(self.pipeline, call, upstream.status, upstream.headers.get("Content-Type", ""),
-                                upstream.headers.get("Content-Encoding"))
+                                _content_encoding(upstream))
         try:
+            self.pipeline.check_partial_response(call, upstream.status, upstream.headers.get("Content-Type", ""))
             if rpc is not None and rpc.buffered:  # an MCP listing: read whole, filtered by policy
                 return await self._relay_mcp_listing(call, upstream, headers, rpc)
             if call.redaction is not None:
@@ -164,7 +165,7 @@ class RouteFrontEnd:
 
     def _sse_redactor(self, call: Call, upstream: aiohttp.ClientResponse) -> Any:
         try:
-            return call.redaction.sse(upstream.headers.get("Content-Encoding"))
+            return call.redaction.sse(_content_encoding(upstream))
         except NotRedactable as exc:
             self.pipeline.unredactable(call, exc)  # raises unless the route lets it pass
             return None
@@ -182,7 +183,7 @@ class RouteFrontEnd:
         reply = await mcp.read_reply(upstream)
         body = await rpc.body(reply.body)
         body = await self.pipeline.redact(call, body, content_type=upstream.headers.get("Content-Type", ""),
-                                          content_encoding=upstream.headers.get("Content-Encoding"))
+                                          content_encoding=_content_encoding(upstream))
         self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
         return web.Response(status=upstream.status, body=body, headers=headers)
 
@@ -199,7 +200,7 @@ class RouteFrontEnd:
         if rpc is not None:
             await rpc.body(body)  # MCP: records the tool result's isError
         body = await self.pipeline.redact(call, body, content_type=upstream.headers.get("Content-Type", ""),
-                                          content_encoding=upstream.headers.get("Content-Encoding"))
+                                          content_encoding=_content_encoding(upstream))
         self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
         return web.Response(status=upstream.status, body=body, headers=headers)
 
@@ -270,6 +271,13 @@ class RouteFrontEnd:
                            status=502, outcome="upstream_error")
         self.pipeline.fail(call, err)
         return err
+
+
+def _content_encoding(upstream: aiohttp.ClientResponse) -> str | None:
+    """Every Content-Encoding the upstream sent, in order: a second header is a second coding
+    (clients apply them all), so redaction must decode them all too."""
+    values = upstream.headers.getall("Content-Encoding", [])
+    return ", ".join(values) if values else None
 
 
 async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:

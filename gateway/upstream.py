@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -12,6 +13,7 @@ from multidict import CIMultiDict
 from gateway.config import Config, RouteConfig
 from gateway.errors import UpstreamError
 from gateway.models import Call
+from gateway.pipeline import RANGE_HEADERS
 
 # RFC 9110 §7.6.1 hop-by-hop headers plus what the gateway itself sets.
 HOP_BY_HOP = frozenset({
@@ -20,6 +22,15 @@ HOP_BY_HOP = frozenset({
 })
 _REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "content-length"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+# On a route whose credential the gateway injects, a session the upstream opens on its strength
+# is that credential too: the agent neither receives it nor sends one of its own.
+_SESSION_REQUEST, _SESSION_RESPONSE = frozenset({"cookie", "cookie2"}), frozenset({"set-cookie", "set-cookie2"})
+
+
+def _nominated(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """Header names a Connection (or Proxy-Connection) header lists: hop-by-hop as well."""
+    return {token.strip().lower() for name, value in headers
+            if name.lower() in ("connection", "proxy-connection") for token in value.split(",")}
 
 
 @dataclass(slots=True)
@@ -87,7 +98,12 @@ class RouteUpstream:
         assert req.route is not None and self._session is not None
         route = self._routes[req.route]
         url = route.base + call.canonical_path + (f"?{req.query}" if req.query else "")
-        headers = CIMultiDict((k, v) for k, v in req.headers if k.lower() not in _REQUEST_DROP)
+        drop = _REQUEST_DROP | _nominated(req.headers)
+        if route.credential:
+            drop |= _SESSION_REQUEST
+        if call.redaction is not None:
+            drop |= RANGE_HEADERS  # the response must come back whole to be redacted
+        headers = CIMultiDict((k, v) for k, v in req.headers if k.lower() not in drop)
         if route.credential:
             headers[route.credential[0]] = route.credential[1]
         try:
@@ -107,5 +123,13 @@ class RouteUpstream:
                                 code="upstream_unreachable") from None
 
 
-def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP)
+    def injects_credential(self, route: str) -> bool:
+        return self._routes[route].credential is not None
+
+
+def response_headers(upstream: aiohttp.ClientResponse, *, session: bool = True) -> CIMultiDict[str]:
+    """The upstream's headers the agent gets: not hop-by-hop ones, nor (``session=False``) cookies."""
+    drop = _RESPONSE_DROP | _nominated(upstream.headers.items())
+    if not session:
+        drop |= _SESSION_RESPONSE
+    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)

@@ -421,10 +421,24 @@ def test_untyped_body_is_sniffed(redactor: Redactor) -> None:
     plan = redactor.plan(["$.a"], ["email"])
     out, _ = plan.redact_body(b'{"a": 1, "b": "x@example.com"}', content_type="", content_encoding=None)
     assert json.loads(out) == {"a": "[REDACTED:field]", "b": "[REDACTED:email]"}
-    out, _ = plan.redact_body(b"hi x@example.com", content_type="", content_encoding=None)
+    out, _ = redactor.plan([], ["email"]).redact_body(b"hi x@example.com", content_type="", content_encoding=None)
     assert out == b"hi [REDACTED:email]"
     with pytest.raises(NotRedactable):
         plan.redact_body(b"\x00\xff\xfe", content_type="", content_encoding=None)
+
+
+@pytest.mark.parametrize("body, ct", [
+    (b"<doc><ssn>123-45-6789</ssn></doc>", "application/xml"),
+    (b"name,ssn\nAda,123-45-6789\n", "text/csv"),
+    (b"hi there", ""),
+    (b"[not json", "text/plain"),
+])
+def test_field_paths_on_a_body_that_is_not_json_fail_closed(redactor: Redactor, body: bytes, ct: str) -> None:
+    """Field paths cannot be looked for in XML or CSV (an agent may ask the upstream for either
+    with Accept): the response is refused, not passed with the detectors alone."""
+    with pytest.raises(NotRedactable) as ei:
+        redactor.plan(["$.ssn"], ["email"]).redact_body(body, content_type=ct, content_encoding=None)
+    assert ei.value.reason == "fields_not_applicable"
 
 
 # -- encodings --------------------------------------------------------------------------------

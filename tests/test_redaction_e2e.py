@@ -137,7 +137,15 @@ def test_json_fields_and_detectors(gw: Gateway, keys: Keys) -> None:
     assert_clean(json.dumps(row))
 
 
-@pytest.mark.parametrize("kind", ["ndjson", "text", "form"])
+def test_text_is_refused_where_field_paths_apply(gw: Gateway, keys: Keys) -> None:
+    """/pii's decision names JSON fields, which a text body cannot be checked for."""
+    resp = fetch(gw, keys, "pii", "/pii/x", kind="text")
+    assert resp.status == 502 and resp.json()["error"]["code"] == "response_not_redactable"
+    assert_clean(resp.body.decode())
+    assert gw.audit_row(resp.headers[CALL_ID])["outcome"] == "redaction_failed"
+
+
+@pytest.mark.parametrize("kind", ["ndjson", "form"])
 def test_other_content_types(gw: Gateway, keys: Keys, kind: str) -> None:
     resp = fetch(gw, keys, "pii", "/pii/x", kind=kind)
     assert resp.status == 200

@@ -136,6 +136,9 @@ def decode_text(data: bytes, charset: str | None) -> tuple[str, str, str]:
         raise NotRedactable("undecodable", f"body is not valid {enc}") from None
 
 
+_NOT_JSON = object()
+
+
 def _looks_like_json(text: str) -> bool:
     head = text.lstrip()[:1]
     return head in ("{", "[")
@@ -143,15 +146,18 @@ def _looks_like_json(text: str) -> bool:
 
 def redact_text_body(plan: Plan, data: bytes, charset: str | None, report: RedactionReport) -> bytes | None:
     text, enc, errors = decode_text(data, charset)
-    if plan.fields and _looks_like_json(text):
-        # Mislabelled JSON (text/plain): field paths must still apply.
+    if plan.fields:
+        # Field paths name JSON members: they apply to mislabelled JSON (text/plain), and a body
+        # that is not JSON cannot be checked for them at all: an XML or CSV rendering of the same
+        # record (an agent can ask for one with Accept) would carry those fields in clear.
         try:
-            value = parse_json_text(text)
+            value = parse_json_text(text) if _looks_like_json(text) else _NOT_JSON
         except ValueError:
-            pass
-        else:
-            new = plan.walk(value, report)
-            return None if new is value else _encode_json(new, enc)
+            value = _NOT_JSON
+        if value is _NOT_JSON:
+            raise NotRedactable("fields_not_applicable", "field paths are asked for and the body is not JSON")
+        new = plan.walk(value, report)
+        return None if new is value else _encode_json(new, enc)
     new_text = plan.redact_text(text, report)
     return None if new_text is None else new_text.encode(enc, errors)
 

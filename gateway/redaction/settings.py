@@ -51,8 +51,8 @@ class NotRedactable(Exception):
 
     ``reason`` is a stable slug (``too_large``, ``decompression_limit``, ``undecodable``,
     ``invalid_utf8``, ``invalid_json``, ``json_too_deep``, ``unsupported_content_type``,
-    ``unsupported_encoding``, ``sse_event_too_large``); ``detail`` is for humans and never
-    contains body content.
+    ``unsupported_encoding``, ``sse_event_too_large``, ``fields_not_applicable``,
+    ``partial_content``); ``detail`` is for humans and never contains body content.
     """
 
     def __init__(self, reason: str, detail: str = "", *, code: str = "response_not_redactable") -> None:

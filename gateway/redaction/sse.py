@@ -106,8 +106,6 @@ class SseRedactor:
     def _event(self, raw: bytes) -> bytes:
         index = self._events
         self._events += 1
-        if b"data" not in raw:
-            return raw
         text = raw.decode("utf-8", "surrogateescape")
         bom = ""
         if index == 0 and text.startswith("\ufeff"):  # a stream may start with a BOM (ignored by clients)
@@ -116,26 +114,27 @@ class SseRedactor:
         lines = parts[0::2]
         terms = parts[1::2]
         data_idx = [i for i, ln in enumerate(lines) if ln == "data" or ln.startswith("data:")]
-        if not data_idx:
+        # id, event and comment lines reach the agent too: the detectors read them as text.
+        changed = False
+        for i, ln in enumerate(lines):
+            if ln and i not in data_idx and (new_line := self._plan.redact_text(ln, self.report)) is not None:
+                lines[i] = new_line
+                changed = True
+        new = self._redact_data("\n".join(_field_value(lines[i]) for i in data_idx), index) if data_idx else None
+        if new is None and not changed:
             return raw
-        values = [_field_value(lines[i]) for i in data_idx]
-        data = "\n".join(values)
-        new = self._redact_data(data, index)
-        if new is None:
-            return raw
-        first, last = data_idx[0], data_idx[-1]
-        sep = " " if lines[first].startswith("data: ") or lines[first] == "data" else ""
-        nl = terms[first] if first < len(terms) else "\n"
-        replacement = nl.join(f"data:{sep}{ln}" for ln in new.split("\n"))
+        drop: set[int] = set()
+        if new is not None:
+            first, last = data_idx[0], data_idx[-1]
+            sep = " " if lines[first].startswith("data: ") or lines[first] == "data" else ""
+            nl = terms[first] if first < len(terms) else "\n"
+            lines[first] = nl.join(f"data:{sep}{ln}" for ln in new.split("\n"))
+            if last != first:  # the data lines become one run ending with the last one's terminator
+                terms[first] = terms[last] if last < len(terms) else ""
+            drop = set(data_idx[1:])
         out: list[str] = []
-        drop = set(data_idx[1:])
         for i, ln in enumerate(lines):
             if i in drop:
-                continue
-            if i == first:
-                out.append(replacement)
-                if last < len(terms):
-                    out.append(terms[last])
                 continue
             out.append(ln)
             if i < len(terms):
