@@ -262,6 +262,9 @@ class Approvals:
                 raise ApprovalError(f"approval {approval_id} is already {state}; a decision is final",
                                     code="already_decided", status=409)
             role = self._approver_role(approval, actor)
+            if actor.agent_id == approval.agent_id:  # whatever its roles, and allow_self_approval
+                raise ApprovalError(f"{actor.agent_id} may not decide on its own call",
+                                    code="self_approval", status=403)
             if approver_teams is not None and approval.team not in approver_teams:
                 raise ApprovalError(f"you may approve only for the teams {', '.join(approver_teams) or '(none)'}",
                                     code="team_not_allowed", status=403)
@@ -289,14 +292,15 @@ class Approvals:
         record = self.registry.get(agent_id) if self.registry else None
         if record is None or not record.owner:
             return False
-        ids = {actor.agent_id, str(actor.claims.get("email", ""))}
-        return record.owner in ids
+        ids = {actor.agent_id.casefold(), str(actor.claims.get("email", "")).casefold()}
+        return record.owner.casefold() in ids
 
     async def deny_for_killswitch(self, switch: KillSwitch) -> None:
-        """A killed agent's held approvals end as denied."""
+        """A killed agent's held approvals end as denied, approved ones not yet used included:
+        reviving the agent must not revive what was approved before it was stopped."""
         async with self._lock:
             for approval in list(self._by_id.values()):
-                if approval.effective_state() != PENDING:
+                if approval.effective_state() not in (PENDING, APPROVED):
                     continue
                 ident = Identity(agent_id=approval.agent_id, team=approval.team or None)
                 if not switch.matches(ident):
