@@ -88,6 +88,7 @@ class KillSwitches:
         self._global: dict[str, KillSwitch] = {}
         self._by_agent: dict[str, dict[str, KillSwitch]] = {}
         self._by_team: dict[str, dict[str, KillSwitch]] = {}
+        self._unsaved: dict[str, KillSwitch] = {}
         self.on_kill: list[Callable[[KillSwitch], None]] = []
         """Called once per switch newly seen active (locally or from another replica)."""
 
@@ -111,7 +112,10 @@ class KillSwitches:
         return self._all.get(switch_id)
 
     # -- changes ----------------------------------------------------------------------------
-    async def create(self, scope: str, target: str, reason: str, actor: str) -> KillSwitch:
+    async def create(self, scope: str, target: str, reason: str, actor: str) -> tuple[KillSwitch, bool]:
+        """The new switch, in force here at once, and whether it is stored yet. A store that is
+        down must not keep an operator from stopping an agent: the switch applies here now and
+        is stored (for the other replicas) by :meth:`save_unsaved` as soon as the store is back."""
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
         if scope == "all":
@@ -120,9 +124,22 @@ class KillSwitches:
             raise ValueError(f"a {scope} kill-switch needs a target")
         switch = KillSwitch(id=f"ks_{uuid.uuid4().hex[:16]}", scope=scope, target=target, reason=reason,
                             created_by=actor, created_at=time.time())
-        await self._persist(switch)
         self.apply([switch])
-        return switch
+        try:
+            await self._persist(switch)
+        except Exception as exc:  # noqa: BLE001 - in force here all the same; stored later
+            log.error("kill-switch %s is in force on this replica but could not be stored (%s): "
+                      "retrying with every state refresh", switch.id, type(exc).__name__)
+            self._unsaved[switch.id] = switch
+            return switch, False
+        return switch, True
+
+    async def save_unsaved(self) -> None:
+        """Store switches created while the store was down (raises while it still is)."""
+        for switch_id in list(self._unsaved):
+            await self._persist(self._all.get(switch_id, self._unsaved[switch_id]))
+            del self._unsaved[switch_id]
+            log.info("kill-switch %s is stored now", switch_id)
 
     async def revoke(self, switch: KillSwitch, actor: str) -> KillSwitch:
         revoked = replace(switch, revoked_by=actor, revoked_at=time.time(), version=switch.version + 1)

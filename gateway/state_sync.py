@@ -28,6 +28,7 @@ class StateSync:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def refresh(self) -> None:
+        await self.killswitches.save_unsaved()
         await self.killswitches.refresh()
         await self.approvals.refresh()
 
