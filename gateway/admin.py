@@ -199,16 +199,18 @@ class AdminApi:
         return web.json_response({"killswitches": [s.to_json() for s in switches]})
 
     async def create_killswitch(self, request: web.Request) -> web.Response:
-        payload = await _json_body(request, 'body must be JSON: {"scope": "agent", "target": "...", "reason": "..."}')
+        # Who asks comes first: an unauthenticated attempt is recorded whatever its body holds.
+        actor = await self.authorize(request, OPERATOR_ROLES, "killswitch.create")
+        async with self.recording_refusals(actor, "killswitch.create", ""):
+            payload = await _json_body(request, 'body must be JSON: {"scope": "agent", "target": "...", "reason": "..."}')
         scope, target, reason = payload.get("scope"), payload.get("target", ""), payload.get("reason", "")
-        label = f"{scope}:{target}"
-        actor = await self.authorize(request, OPERATOR_ROLES, "killswitch.create", label)
-        if scope not in SCOPES:
-            raise BadRequest(f"'scope' must be one of {', '.join(SCOPES)}")
-        if not isinstance(target, str) or (scope != "all" and not target.strip()):
-            raise BadRequest(f"a {scope} kill-switch needs a 'target'")
-        if not isinstance(reason, str) or not reason.strip():
-            raise BadRequest("'reason' is required: say why, for whoever reads the audit")
+        async with self.recording_refusals(actor, "killswitch.create", f"{scope}:{target}"[:200]):
+            if scope not in SCOPES:
+                raise BadRequest(f"'scope' must be one of {', '.join(SCOPES)}")
+            if not isinstance(target, str) or (scope != "all" and not target.strip()):
+                raise BadRequest(f"a {scope} kill-switch needs a 'target'")
+            if not isinstance(reason, str) or not reason.strip():
+                raise BadRequest("'reason' is required: say why, for whoever reads the audit")
         switch, stored = await self.killswitches.create(scope, target.strip(), reason.strip(), actor.agent_id)
         event = (actor, "killswitch.create", f"{switch.id} {switch.scope}:{switch.target}")
         if not stored:  # in force here, stored when the store is back; this event only in the log
@@ -224,10 +226,12 @@ class AdminApi:
         switch_id = request.match_info["id"]
         actor = await self.authorize(request, OPERATOR_ROLES, "killswitch.revoke", switch_id)
         switch = self.killswitches.get(switch_id)
-        if switch is None:
-            raise GatewayError(f"no kill-switch {switch_id}", code="not_found", status=404)
-        if not switch.active:
-            raise GatewayError(f"kill-switch {switch_id} was already revoked", code="already_revoked", status=409)
+        async with self.recording_refusals(actor, "killswitch.revoke", switch_id):
+            if switch is None:
+                raise GatewayError(f"no kill-switch {switch_id}", code="not_found", status=404)
+            if not switch.active:
+                raise GatewayError(f"kill-switch {switch_id} was already revoked", code="already_revoked",
+                                   status=409)
         reason = request.query.get("reason", "")
         revoked = await self.killswitches.revoke(switch, actor.agent_id)
         await self.events.record(actor, "killswitch.revoke", f"{switch.id} {switch.scope}:{switch.target}",

@@ -1,6 +1,7 @@
-"""Read-only audit SQL cannot reach past the audit tables: no files, no URLs, no other servers
-(found by review: DESCRIBE file(...) read the gateway's JWT secret, enough to mint an admin token).
-Every attempt is recorded, failed ones included; bad input gets a JSON error."""
+"""Admin API hardening (found by review). Read-only audit SQL cannot reach past the audit tables:
+no files, no URLs, no other servers (DESCRIBE file(...) read the gateway's JWT secret, enough to
+mint an admin token). Every attempt is recorded, refused and failed ones included; bad input gets
+a JSON error."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.conftest import Gateway, Keys, Upstream, http
 
 @pytest.fixture(scope="module")
 def gw(gateway_factory, upstream: Upstream) -> Gateway:
-    return gateway_factory({"routes": {"plain": {"upstream": upstream.url}}}, name="audit-sql")
+    return gateway_factory({"routes": {"plain": {"upstream": upstream.url}}}, name="admin-hardening")
 
 
 @pytest.mark.parametrize("sql", [
@@ -50,3 +51,20 @@ def test_an_impossible_date_is_a_json_400(gw: Gateway) -> None:
              headers={"Authorization": f"Bearer {gw.admin_token}"})
     assert r.status == 400 and r.headers["content-type"].startswith("application/json"), r.body[:200]
     assert "0001-01-01" in r.json()["error"]["message"]
+
+
+# Refused kill-switch requests are admin actions too (found by review: none left an event).
+def test_refused_killswitch_requests_are_recorded(gw: Gateway, keys: Keys) -> None:
+    anonymous = http("POST", f"http://{gw.admin}/v1/killswitches", headers={"Content-Type": "application/json"},
+                     body=b"not json")
+    assert anonymous.status == 401  # who asks is checked before the body is read
+    op = keys.token("op-refused", roles=["operator"], team=None)
+    assert gw.call_admin("POST", "/v1/killswitches", op, {"scope": "planet", "target": "x", "reason": "r"}).status == 400
+    assert gw.call_admin("DELETE", "/v1/killswitches/ks_doesnotexist", op).status == 404
+    rows = gw.sql("SELECT actor, action, result, target FROM agentgate.admin_events "
+                  "WHERE action LIKE 'killswitch.%' ORDER BY ts")
+    assert [(r["actor"], r["action"], r["result"]) for r in rows] == [
+        ("", "killswitch.create", "unauthenticated"),
+        ("op-refused", "killswitch.create", "refused"),
+        ("op-refused", "killswitch.revoke", "refused"),
+    ]
