@@ -16,20 +16,7 @@ def proxy_addr(gw) -> tuple[str, int]:
 def read_response(sock, timeout: float = 20.0) -> tuple[int, dict[str, str], bytes]:
     """Read one HTTP/1.1 response (Content-Length or chunked or close)."""
     sock.settimeout(timeout)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    body = rest
+    status, headers, body = _read_head(sock, 65536)
     if "content-length" in headers:
         n = int(headers["content-length"])
         while len(body) < n:
@@ -83,22 +70,43 @@ def tunnel(gw, target: str, token: str | None, ca_file: Path, server_hostname: s
     return ctx.wrap_socket(sock, server_hostname=server_hostname)
 
 
-def read_response_head_only(sock):
+def read_response_head_only(sock) -> tuple[int, dict[str, str], bytes]:
+    """The status line and headers, read byte by byte: nothing after them is consumed (after a
+    CONNECT, the TLS handshake that follows is the caller's)."""
     sock.settimeout(20)
+    return _read_head(sock, 1)
+
+
+def _read_head(sock, step: int) -> tuple[int, dict[str, str], bytes]:
+    """(status, lower-cased headers, whatever was read past the head)."""
     buf = b""
     while b"\r\n\r\n" not in buf:
-        c = sock.recv(1)
-        if not c:
+        chunk = sock.recv(step)
+        if not chunk:
             break
-        buf += c
-    lines = buf.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
     for line in lines[1:]:
         if ":" in line:
             k, _, v = line.partition(":")
             headers[k.strip().lower()] = v.strip()
-    return status, headers, b""
+    return int(lines[0].split()[1]), headers, rest
+
+
+def through_proxy(gw, raw: bytes, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw`` (one request, absolute-form) to the forward proxy; its response."""
+    with socket.create_connection(proxy_addr(gw), timeout=timeout) as sock:
+        sock.sendall(raw)
+        return read_response(sock, timeout)
+
+
+def in_tunnel(gw, target: str, token: str, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw`` (one request) inside a TLS tunnel to ``target`` opened with ``token``; its response."""
+    with tunnel(gw, target, token, gw.ca_file) as sock:
+        sock.sendall(raw)
+        return read_response(sock)
 
 
 def basic(token: str) -> str:

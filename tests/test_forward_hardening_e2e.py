@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import UPSTREAM, Gateway, Keys, Upstream, _echo, start_upstream
-from tests.raw_http import basic, proxy_addr, read_response, read_response_head_only, tunnel
+from tests.raw_http import basic, in_tunnel, proxy_addr, read_response_head_only, through_proxy
 
 CALL_ID = "x-agentgate-call-id"
 BIG = 2 << 20  # 2 MiB: above the embedded mitmproxy's stream_large_bodies="1m"
@@ -21,26 +21,26 @@ def gw(gateway_factory, tls_upstream: Upstream) -> Gateway:
     return gateway_factory({"proxy": {"upstream_ca_file": str(tls_upstream.ca_file)}}, name="forward-hardening")
 
 
-@pytest.fixture(scope="module")
-def big_upstream(tmp_path_factory) -> Upstream:
+def _big_echo(tmp_path_factory, name: str, tls=None):
     """The repo's recording echo upstream, accepting bodies up to 64 MiB (aiohttp's default is 1 MiB)."""
-    up = Upstream()
+    up = Upstream(tls=tls)
     app = web.Application(client_max_size=64 << 20)
     app[UPSTREAM] = up
     app.router.add_route("*", "/{tail:.*}", _echo)
-    stop = start_upstream(up, tmp_path_factory.mktemp("bigup"), app)
+    return up, start_upstream(up, tmp_path_factory.mktemp(name), app)
+
+
+@pytest.fixture(scope="module")
+def big_upstream(tmp_path_factory) -> Upstream:
+    up, stop = _big_echo(tmp_path_factory, "bigup")
     yield up
     stop()
 
 
 @pytest.fixture(scope="module")
 def big_tls_upstream(tmp_path_factory, tls_upstream: Upstream) -> Upstream:
-    """Same, over TLS, with a certificate from tls_upstream's CA (which the gateway trusts)."""
-    up = Upstream(tls=tls_upstream.tls)
-    app = web.Application(client_max_size=64 << 20)
-    app[UPSTREAM] = up
-    app.router.add_route("*", "/{tail:.*}", _echo)
-    stop = start_upstream(up, tmp_path_factory.mktemp("bigtlsup"), app)
+    """Over TLS, with a certificate from tls_upstream's CA (which the gateway trusts)."""
+    up, stop = _big_echo(tmp_path_factory, "bigtlsup", tls=tls_upstream.tls)
     yield up
     stop()
 
@@ -54,11 +54,8 @@ def test_large_body_without_any_token_never_reaches_upstream(gw: Gateway, big_up
     upstream = big_upstream
     marker = "/bigbody-notoken"
     body = b"x" * BIG
-    s = socket.create_connection(proxy_addr(gw), timeout=30)
-    s.sendall(f"POST http://127.0.0.1:{upstream.port}{marker} HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+    status, headers, resp = through_proxy(gw, f"POST http://127.0.0.1:{upstream.port}{marker} HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
               f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    status, headers, resp = read_response(s)
-    s.close()
     # no token at all: must be 407 and the upstream must never see the request
     assert marker not in _seen_paths(upstream), f"unauthenticated request reached upstream (status {status})"
     assert status == 407, (status, resp[:200])
@@ -70,11 +67,9 @@ def test_large_body_policy_denied_in_tunnel_never_reaches_upstream(gw: Gateway, 
     marker = "/admin/bigbody-denied"
     token = keys.token("reader-bot", roles=["reader"])  # POST and /admin are both denied for a reader
     body = json.dumps({"action": "drop_tables", "pad": "x" * BIG}).encode()
-    s = tunnel(gw, f"127.0.0.1:{tls_upstream.port}", token, gw.ca_file)
-    s.sendall(f"POST {marker} HTTP/1.1\r\nHost: 127.0.0.1:{tls_upstream.port}\r\n"
+    status, headers, resp = in_tunnel(gw, f"127.0.0.1:{tls_upstream.port}", token,
+                                      f"POST {marker} HTTP/1.1\r\nHost: 127.0.0.1:{tls_upstream.port}\r\n"
               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    status, headers, resp = read_response(s)
-    s.close()
     assert marker not in _seen_paths(tls_upstream), f"policy-denied request reached upstream (status {status})"
     assert status == 403
 
@@ -82,10 +77,8 @@ def test_large_body_policy_denied_in_tunnel_never_reaches_upstream(gw: Gateway, 
 # 2. Absolute-form request target inside a TLS tunnel is sent upstream unchanged (authority kept).
 def test_absolute_form_inside_tunnel_is_sent_origin_form(gw: Gateway, keys: Keys, tls_upstream: Upstream) -> None:
     token = keys.token("abs-bot", roles=["reader"])
-    s = tunnel(gw, f"127.0.0.1:{tls_upstream.port}", token, gw.ca_file)
-    s.sendall(f"GET http://evil.example/absform HTTP/1.1\r\nHost: 127.0.0.1:{tls_upstream.port}\r\n\r\n".encode())
-    status, headers, resp = read_response(s)
-    s.close()
+    status, headers, resp = in_tunnel(gw, f"127.0.0.1:{tls_upstream.port}", token,
+                                      f"GET http://evil.example/absform HTTP/1.1\r\nHost: 127.0.0.1:{tls_upstream.port}\r\n\r\n".encode())
     assert status == 200, (status, resp[:300])
     row = gw.audit_row(headers[CALL_ID])
     assert (row["host"], row["path"]) == ("127.0.0.1", "/absform")   # what policy judged
@@ -97,11 +90,9 @@ def test_absolute_form_inside_tunnel_is_sent_origin_form(gw: Gateway, keys: Keys
 def test_agent_jwt_in_authorization_not_forwarded_inside_tunnel(gw: Gateway, keys: Keys,
                                                                 tls_upstream: Upstream) -> None:
     token = keys.token("leaky-bot", roles=["reader"])
-    s = tunnel(gw, f"127.0.0.1:{tls_upstream.port}", token, gw.ca_file)
-    s.sendall(f"GET /leak1 HTTP/1.1\r\nHost: 127.0.0.1:{tls_upstream.port}\r\n"
+    status, headers, resp = in_tunnel(gw, f"127.0.0.1:{tls_upstream.port}", token,
+                                      f"GET /leak1 HTTP/1.1\r\nHost: 127.0.0.1:{tls_upstream.port}\r\n"
               f"Authorization: Bearer {token}\r\n\r\n".encode())
-    status, headers, resp = read_response(s)
-    s.close()
     assert status == 200
     assert token not in resp.decode(), "the agent's JWT reached the upstream in Authorization"
 
@@ -109,11 +100,8 @@ def test_agent_jwt_in_authorization_not_forwarded_inside_tunnel(gw: Gateway, key
 def test_agent_jwt_basic_proxy_auth_bearer_authorization_plain_http(gw: Gateway, keys: Keys,
                                                                    upstream: Upstream) -> None:
     token = keys.token("leaky-bot2", roles=["reader"])
-    s = socket.create_connection(proxy_addr(gw), timeout=30)
-    s.sendall(f"GET http://127.0.0.1:{upstream.port}/leak2 HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+    status, headers, resp = through_proxy(gw, f"GET http://127.0.0.1:{upstream.port}/leak2 HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
               f"Proxy-Authorization: {basic(token)}\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
-    status, headers, resp = read_response(s)
-    s.close()
     assert status == 200
     assert token not in resp.decode(), "the agent's JWT reached the upstream in Authorization"
 
@@ -148,11 +136,8 @@ def pii_big_upstream(tmp_path_factory) -> Upstream:
 def test_large_redacted_response_is_redacted_or_refused(gw: Gateway, keys: Keys, pii_big_upstream: Upstream,
                                                         chunked: str) -> None:
     token = keys.token("pii-bot", roles=["reader"])
-    s = socket.create_connection(proxy_addr(gw), timeout=30)
-    s.sendall(f"GET http://127.0.0.1:{pii_big_upstream.port}/pii/big?chunked={chunked} HTTP/1.1\r\n"
+    status, headers, resp = through_proxy(gw, f"GET http://127.0.0.1:{pii_big_upstream.port}/pii/big?chunked={chunked} HTTP/1.1\r\n"
               f"Host: 127.0.0.1:{pii_big_upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n".encode())
-    status, headers, resp = read_response(s, timeout=30)
-    s.close()
     row = gw.audit_row(headers[CALL_ID]) if CALL_ID in headers else None
     assert EMAIL.encode() not in resp, (f"unredacted PII reached the agent: status {status}, "
                                         f"audit {row and (row['outcome'], row['redaction_counts'])}")
@@ -194,11 +179,8 @@ def test_unauthenticated_compressed_body_is_not_inflated_without_limit(gw: Gatew
     inflated = 150 << 20  # 150 MiB of zeros
     body = gzip.compress(b"\0" * inflated, compresslevel=9)  # ~150 KB on the wire
     before = _hwm_kib(gw.proc.pid)
-    s = socket.create_connection(proxy_addr(gw), timeout=60)
-    s.sendall(f"POST http://127.0.0.1:{upstream.port}/bomb HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+    status, headers, resp = through_proxy(gw, f"POST http://127.0.0.1:{upstream.port}/bomb HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
               f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    status, headers, resp = read_response(s, timeout=60)
-    s.close()
     grew = (_hwm_kib(gw.proc.pid) - before) >> 10
     assert status == 407
     assert grew < 50, f"a {len(body)} byte unauthenticated request grew the gateway's peak RSS by {grew} MiB"
@@ -212,12 +194,9 @@ def test_policy_judges_the_body_the_upstream_receives(gw: Gateway, keys: Keys, u
     token = keys.token("writer-bot", roles=["writer"])
     raw = b'{"action":"drop_tables","act=69on":"noop"}'  # JSON: action = drop_tables (denied by the bundle)
     enc = f"Content-Encoding: {coding}\r\n" if coding else ""
-    s = socket.create_connection(proxy_addr(gw), timeout=30)
-    s.sendall(f"POST http://127.0.0.1:{upstream.port}/jobs-{coding} HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+    status, headers, resp = through_proxy(gw, f"POST http://127.0.0.1:{upstream.port}/jobs-{coding} HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
               f"Proxy-Authorization: Bearer {token}\r\nContent-Type: application/json\r\n{enc}"
               f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
-    status, headers, resp = read_response(s)
-    s.close()
     got = [json.loads(x.body) for x in upstream.seen if x.path == f"/jobs-{coding}"]
     assert status == 403 and not got, f"status {status}; upstream parsed {got}"
 
@@ -237,10 +216,8 @@ def hosts_upstream(tmp_path_factory, tls_upstream: Upstream) -> Upstream:
 
 def test_second_host_header_inside_tunnel_is_refused(gw: Gateway, keys: Keys, hosts_upstream: Upstream) -> None:
     token = keys.token("dup-host-bot", roles=["reader"])
-    s = tunnel(gw, f"127.0.0.1:{hosts_upstream.port}", token, gw.ca_file)
-    s.sendall(f"GET /dup HTTP/1.1\r\nHost: 127.0.0.1:{hosts_upstream.port}\r\nHost: evil.example\r\n\r\n".encode())
-    status, headers, resp = read_response(s)
-    s.close()
+    status, headers, resp = in_tunnel(gw, f"127.0.0.1:{hosts_upstream.port}", token,
+                                      f"GET /dup HTTP/1.1\r\nHost: 127.0.0.1:{hosts_upstream.port}\r\nHost: evil.example\r\n\r\n".encode())
     assert status == 400 and resp.startswith(b"{") and json.loads(resp)["error"]["code"] == "host_mismatch", \
         f"status {status}, call id {headers.get(CALL_ID)}: {resp[:200]!r}"
 
@@ -249,11 +226,8 @@ def test_second_host_header_inside_tunnel_is_refused(gw: Gateway, keys: Keys, ho
 #    promised JSON error (502 response_not_redactable), not a dropped connection.
 def test_too_large_to_redact_gets_json_error(gw: Gateway, keys: Keys, pii_big_upstream: Upstream) -> None:
     token = keys.token("pii-bot", roles=["reader"])
-    s = socket.create_connection(proxy_addr(gw), timeout=30)
-    s.sendall(f"GET http://127.0.0.1:{pii_big_upstream.port}/pii/huge?kib=9216 HTTP/1.1\r\n"
+    status, headers, resp = through_proxy(gw, f"GET http://127.0.0.1:{pii_big_upstream.port}/pii/huge?kib=9216 HTTP/1.1\r\n"
               f"Host: 127.0.0.1:{pii_big_upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n".encode())
-    status, headers, resp = read_response(s, timeout=30)
-    s.close()
     assert status == 502 and json.loads(resp)["error"]["code"] == "response_not_redactable", (status, resp[:200])
     assert gw.audit_row(headers[CALL_ID])["outcome"] == "redaction_failed"
 
@@ -264,15 +238,13 @@ def test_too_large_to_redact_gets_json_error(gw: Gateway, keys: Keys, pii_big_up
 def test_exception_in_request_hook_fails_closed(gw: Gateway, upstream: Upstream) -> None:
     marker = "/admin/rot13-notoken"
     body = b'{"action":"drop_tables"}'
-    s = socket.create_connection(proxy_addr(gw), timeout=30)
-    s.sendall(f"DELETE http://127.0.0.1:{upstream.port}{marker} HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
-              f"Content-Type: application/json\r\nContent-Encoding: rot13\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-              + body)
     try:
-        status, headers, resp = read_response(s)
+        status, headers, resp = through_proxy(gw, (
+            f"DELETE http://127.0.0.1:{upstream.port}{marker} HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Encoding: rot13\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body)
     except (IndexError, ConnectionError):  # the proxy closed the connection without an answer
         status, headers, resp = 0, {}, b""
-    s.close()
     assert marker not in _seen_paths(upstream), \
         f"unauthenticated, policy-denied DELETE reached the upstream: status {status}, call id {headers.get(CALL_ID)}"
     # the promise for every refusal: a JSON error with a call id, and an audit row
@@ -283,11 +255,9 @@ def test_exception_in_request_hook_fails_closed(gw: Gateway, upstream: Upstream)
 # 11. A body declared larger than the gateway takes: refused before any of it is read, audited.
 def test_request_declared_too_large_is_refused_and_audited(gw: Gateway, keys: Keys, upstream: Upstream) -> None:
     token = keys.token("big-bot", roles=["writer"])
-    s = socket.create_connection(proxy_addr(gw), timeout=30)
-    s.sendall(f"POST http://127.0.0.1:{upstream.port}/too-large HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
-              f"Proxy-Authorization: Bearer {token}\r\nContent-Length: {100 << 20}\r\n\r\n".encode())
-    status, _, _ = read_response(s)
-    s.close()
+    status, _, _ = through_proxy(gw, f"POST http://127.0.0.1:{upstream.port}/too-large HTTP/1.1\r\n"
+                                     f"Host: 127.0.0.1:{upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n"
+                                     f"Content-Length: {100 << 20}\r\n\r\n".encode())
     assert status == 413 and "/too-large" not in _seen_paths(upstream)
     rows = gw.sql("SELECT agent_id, status, error_code, outcome FROM agentgate.calls WHERE path = '/too-large'")
     assert rows == [{"agent_id": "big-bot", "status": 413, "error_code": "request_too_large",
