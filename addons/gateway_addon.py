@@ -158,11 +158,12 @@ class AgentGate:
             self._stream_types = tuple(types)
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
+        call = Call(request=self._gateway_request(flow))
         try:
-            identity = await self.pipeline.authenticate(
+            call.identity = identity = await self.pipeline.authenticate(
                 "forward", flow.request.headers.get("proxy-authorization"))
+            self.pipeline.check_killswitch(call)  # a stopped agent opens no new tunnel either
         except GatewayError as err:
-            call = Call(request=self._gateway_request(flow))
             self._refuse(flow, call, err)
             return
         credential = flow.request.headers.get("proxy-authorization")

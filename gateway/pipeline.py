@@ -89,7 +89,7 @@ class Pipeline:
         call.request_bytes = len(call.request.body)
         call.identity = await self.authenticate(call.request.mode, credential, identity)
         mcp.classify(call, self.cfg.policy.inspect_body_bytes)  # MCP: input.tool, audit fields
-        self._check_killswitch(call)
+        self.check_killswitch(call)
         await self._decide(call)
         await self._approval(call)
         await self._write_ahead(call)
@@ -287,7 +287,8 @@ class Pipeline:
             raise GatewayError(f"audit unavailable: {exc}", code="audit_unavailable", status=503,
                                outcome="audit_unavailable") from None
 
-    def _check_killswitch(self, call: Call) -> None:
+    def check_killswitch(self, call: Call) -> None:
+        """Raise 403 agent_suspended if a kill-switch matches the call's agent."""
         assert call.identity is not None
         switch = self.killswitches.match(call.identity)
         if switch is not None:
@@ -301,7 +302,7 @@ class Pipeline:
             return
         await self.approvals.hold(call)
         # The agent may have been killed while its call was held.
-        self._check_killswitch(call)
+        self.check_killswitch(call)
 
 
 def _describe_policy_failure(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from http.client import HTTPConnection, IncompleteRead
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -233,3 +234,20 @@ async def test_kill_cuts_open_websocket_in_forward_mode(gateway_factory, keys: K
                 assert ticks < 200, "the websocket must be cut, not run to completion"
     finally:
         await asyncio.to_thread(stop)
+
+
+def test_a_killed_agent_opens_no_tunnel(gw: Gateway, keys: Keys, operator: str, upstream: Upstream) -> None:
+    """The CONNECT itself is refused (407/403 before any TLS), and audited with the switch."""
+    from tests.raw_http import proxy_addr, read_response_head_only
+
+    switch = kill(gw, operator, "agent", "tunnel-bot", "contain")
+    try:
+        with socket.create_connection(proxy_addr(gw), timeout=30) as sock:
+            sock.sendall(f"CONNECT 127.0.0.1:{upstream.port} HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+                         f"Proxy-Authorization: Bearer {keys.token('tunnel-bot')}\r\n\r\n".encode())
+            status, headers, _ = read_response_head_only(sock)
+        assert status == 403
+        row = gw.audit_row(headers[CALL_ID])
+        assert (row["method"], row["outcome"], row["killswitch_id"]) == ("CONNECT", "killed", switch["id"])
+    finally:
+        revive(gw, operator, switch["id"])
