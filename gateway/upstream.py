@@ -122,7 +122,6 @@ class RouteUpstream:
             raise UpstreamError(f"upstream of route {req.route} unreachable: {type(exc).__name__}",
                                 code="upstream_unreachable") from None
 
-
     def injects_credential(self, route: str) -> bool:
         return self._routes[route].credential is not None
 
