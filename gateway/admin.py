@@ -193,9 +193,10 @@ class AdminApi:
 
     # -- kill-switches -------------------------------------------------------------------------
     async def list_killswitches(self, request: web.Request) -> web.Response:
-        await self.authorize(request, OPERATOR_ROLES | AUDIT_ROLES, "killswitch.list")
+        actor = await self.authorize(request, OPERATOR_ROLES | AUDIT_ROLES, "killswitch.list")
         everything = request.query.get("all") in ("1", "true")
         switches = self.killswitches.all() if everything else self.killswitches.active()
+        await self.events.record(actor, "killswitch.list", "", detail=request.query_string[:2000])
         return web.json_response({"killswitches": [s.to_json() for s in switches]})
 
     async def create_killswitch(self, request: web.Request) -> web.Response:
@@ -240,18 +241,23 @@ class AdminApi:
 
     # -- approvals -----------------------------------------------------------------------------
     async def list_approvals(self, request: web.Request) -> web.Response:
-        await self.authorize(request, APPROVER_ROLES | AUDIT_ROLES, "approval.list")
+        actor = await self.authorize(request, APPROVER_ROLES | AUDIT_ROLES, "approval.list")
         state = request.query.get("state")
-        if state not in (None, "pending", "approved", "denied", "consumed", "expired"):
-            raise BadRequest("state must be pending, approved, denied, consumed or expired")
+        async with self.recording_refusals(actor, "approval.list", ""):
+            if state not in (None, "pending", "approved", "denied", "consumed", "expired"):
+                raise BadRequest("state must be pending, approved, denied, consumed or expired")
+        # Approvals carry previews of held calls: who looked is part of the record.
+        await self.events.record(actor, "approval.list", "", detail=request.query_string[:2000])
         return web.json_response({"approvals": [a.to_json() for a in self.approvals.list(state)]})
 
     async def get_approval(self, request: web.Request) -> web.Response:
         approval_id = request.match_info["id"]
-        await self.authorize(request, APPROVER_ROLES | AUDIT_ROLES, "approval.get", approval_id)
+        actor = await self.authorize(request, APPROVER_ROLES | AUDIT_ROLES, "approval.get", approval_id)
         approval = self.approvals.get(approval_id)
-        if approval is None:
-            raise GatewayError(f"no approval {approval_id}", code="not_found", status=404)
+        async with self.recording_refusals(actor, "approval.get", approval_id):
+            if approval is None:
+                raise GatewayError(f"no approval {approval_id}", code="not_found", status=404)
+        await self.events.record(actor, "approval.get", approval_id)
         return web.json_response(approval.to_json())
 
     async def approve(self, request: web.Request) -> web.Response:

@@ -68,3 +68,16 @@ def test_refused_killswitch_requests_are_recorded(gw: Gateway, keys: Keys) -> No
         ("op-refused", "killswitch.create", "refused"),
         ("op-refused", "killswitch.revoke", "refused"),
     ]
+
+
+# Reads of approvals (previews of held calls) and kill-switches are recorded too.
+def test_reads_are_recorded(gw: Gateway, keys: Keys) -> None:
+    reader = keys.token("reader-ops", roles=["operator", "approver"], team=None)
+    assert gw.call_admin("GET", "/v1/killswitches?all=1", reader).status == 200
+    assert gw.call_admin("GET", "/v1/approvals?state=pending", reader).status == 200
+    assert gw.call_admin("GET", "/v1/approvals/ap_nope", reader).status == 404
+    rows = gw.sql("SELECT action, result, target, detail FROM agentgate.admin_events "
+                  "WHERE actor = 'reader-ops' ORDER BY ts")
+    assert [(r["action"], r["result"]) for r in rows] == [
+        ("killswitch.list", "ok"), ("approval.list", "ok"), ("approval.get", "refused")]
+    assert rows[0]["detail"] == "all=1" and rows[2]["target"] == "ap_nope"
