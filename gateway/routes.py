@@ -209,8 +209,13 @@ class RouteFrontEnd:
                             rpc: mcp.ReplyHandler | None = None) -> web.StreamResponse:
         resp = web.StreamResponse(status=upstream.status, headers=headers)
         await resp.prepare(request)
-        if prefix:
-            await resp.write(prefix)
+
+        async def send(data: bytes) -> None:
+            try:
+                await resp.write(data)
+            except ConnectionError as exc:  # the agent's side, not the upstream's
+                raise _AgentGone from exc
+
         cut = asyncio.Event()
 
         def stop() -> None:  # a kill-switch ends the stream at once
@@ -218,18 +223,21 @@ class RouteFrontEnd:
             upstream.close()
 
         self.pipeline.streams.add(call, stop)
-        sent = len(prefix)
+        sent = 0
         failure: GatewayError | None = None
         try:
+            if prefix:
+                await send(prefix)
+                sent = len(prefix)
             async for chunk in upstream.content.iter_any():
                 if rpc is not None:
                     rpc.feed(chunk)  # MCP: observes the tool result's isError as events pass
                 out = sse.feed(chunk) if sse is not None else chunk
                 if out:
-                    await resp.write(out)
+                    await send(out)
                     sent += len(out)
             if sse is not None and (tail := sse.close()):
-                await resp.write(tail)
+                await send(tail)
                 sent += len(tail)
             if not cut.is_set():
                 try:
@@ -240,6 +248,9 @@ class RouteFrontEnd:
             failure = GatewayError(f"stream cut: an event cannot be redacted ({exc.reason})",
                                    code="response_not_redactable", status=upstream.status,
                                    outcome="redaction_failed")
+        except _AgentGone:
+            failure = GatewayError("the agent closed the connection before the whole response",
+                                   code="client_closed", status=upstream.status, outcome="client_closed")
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             if not cut.is_set():
                 call.response_bytes = sent
@@ -271,6 +282,10 @@ class RouteFrontEnd:
                            status=502, outcome="upstream_error")
         self.pipeline.fail(call, err)
         return err
+
+
+class _AgentGone(Exception):
+    """Writing to the agent failed: it hung up mid-response (audited as such, not as the upstream's fault)."""
 
 
 def _content_encoding(upstream: aiohttp.ClientResponse) -> str | None:

@@ -4,8 +4,10 @@ headers do not cross (found by review; each test failed before its fix)."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import socket
 from http.client import HTTPConnection
 
 import pytest
@@ -65,6 +67,20 @@ async def _sse_fields(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _endless(request: web.Request) -> web.StreamResponse:
+    """Events until the reader is gone (at most 500, 10 ms apart): the gateway is bound to write
+    to an agent that has hung up."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    try:
+        for i in range(500):
+            await resp.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(0.01)  # the upstream's pace, not the test's timing
+    except ConnectionError:
+        pass
+    return resp
+
+
 @pytest.fixture(scope="module")
 def custom_upstream(tmp_path_factory) -> Upstream:
     d = tmp_path_factory.mktemp("files")
@@ -76,6 +92,7 @@ def custom_upstream(tmp_path_factory) -> Upstream:
     app.router.add_get("/hop", _hop)
     app.router.add_get("/pii/negotiate", _negotiate)
     app.router.add_get("/pii/sse", _sse_fields)
+    app.router.add_get("/endless", _endless)
     app.router.add_static("/pii/files", d)  # a static file server: honours Range like any other
     up = Upstream()
     stop = start_upstream(up, tmp_path_factory.mktemp("cu"), app)
@@ -169,3 +186,17 @@ def test_sse_non_data_fields_are_redacted(gw: Gateway, keys: Keys) -> None:
     resp = http("GET", gw.route_url("c", "/pii/sse"), headers=auth(keys))
     assert resp.status == 200
     assert EMAIL.encode() not in resp.body, resp.body
+
+
+# 8. An agent that hangs up mid-stream is recorded as such, not as a broken upstream.
+def test_agent_hanging_up_mid_stream_is_audited_as_such(gw: Gateway, keys: Keys) -> None:
+    host, port = gw.routes.rsplit(":", 1)
+    conn = HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/r/c/endless", headers=auth(keys))
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline() == b"data: 0\n"
+    call_id = resp.getheader(CALL_ID)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    row = gw.audit_row(call_id)
+    assert (row["outcome"], row["error_code"], row["status"]) == ("client_closed", "client_closed", 200)
