@@ -44,6 +44,8 @@ from storage.spool import AuditSpool, AuditUnavailable
 log = logging.getLogger("agentgate.pipeline")
 
 RANGE_HEADERS = frozenset({"range", "if-range"})
+METHOD_OVERRIDE_HEADERS = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+"""Headers some frameworks read as the real method: a POST judged as a POST must not act as a DELETE."""
 """Request headers dropped when the response must be redacted: it must come back whole."""
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -173,6 +175,11 @@ class Pipeline:
                 f"Host header {req.host!r} does not match the CONNECT target {req.connect_host!r}",
                 code="host_mismatch")
         call.canonical_path, segments = canonical_path(req.path)
+        for name, value in req.headers:
+            if name.lower() in METHOD_OVERRIDE_HEADERS and value.strip().upper() != req.method:
+                raise BadRequest(f"{name}: {value.strip()[:20]!r} would make this {req.method} another method "
+                                 "upstream than the one policy judges; send that method instead",
+                                 code="method_override")
         return canonical_port(req.scheme, req.port), segments
 
     async def _decide(self, call: Call) -> None:

@@ -200,3 +200,15 @@ def test_agent_hanging_up_mid_stream_is_audited_as_such(gw: Gateway, keys: Keys)
     conn.close()
     row = gw.audit_row(call_id)
     assert (row["outcome"], row["error_code"], row["status"]) == ("client_closed", "client_closed", 200)
+
+
+# 9. A method-override header would have the upstream act on another method than policy judged
+#    (a POST allowed, acted on as a DELETE by frameworks that honour the header).
+@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method"])
+def test_method_override_headers_are_refused(gw: Gateway, keys: Keys, header: str) -> None:
+    SEEN.clear()
+    resp = http("GET", gw.route_url("c", "/hop"), headers={**auth(keys), header: "DELETE"})
+    assert resp.status == 400 and resp.json()["error"]["code"] == "method_override" and SEEN == []
+    assert gw.audit_row(resp.headers[CALL_ID])["outcome"] == "rejected"
+    same = http("GET", gw.route_url("c", "/hop"), headers={**auth(keys), header: "get"})  # says what it is
+    assert same.status == 200
