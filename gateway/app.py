@@ -125,7 +125,7 @@ class Gateway:
                 host=host, port=port, confdir=cfg.ca_dir, addon=AgentGate(self.pipeline),
                 upstream_ca_file=cfg.proxy.upstream_ca_file,
                 verify_upstream_tls=cfg.proxy.verify_upstream_tls,
-                idle_seconds=cfg.proxy.connection_idle_seconds, max_body_bytes=MAX_REQUEST_BODY)
+                idle_seconds=cfg.proxy.connection_idle_seconds, max_body_bytes=cfg.proxy.max_body_bytes)
             await self.proxy.start()
             proxy_addr = self.proxy.addresses[0]
         self.listeners = Listeners(proxy=proxy_addr, routes=routes_addr, admin=admin_addr)

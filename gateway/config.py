@@ -216,6 +216,9 @@ class ProxyConfig(_Section):
     fail_open: bool = False
     unredactable: Literal["refuse", "pass"] = "refuse"
     connection_idle_seconds: float = Field(default=300, gt=0)
+    max_body_bytes: int = Field(default=64 << 20, ge=1 << 20)
+    """Forward mode reads bodies whole before it judges them: larger requests are refused (413)
+    and so are larger responses (502), streamed or not. Raise it for large downloads."""
 
 
 class Config(BaseSettings):

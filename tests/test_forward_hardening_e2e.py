@@ -262,3 +262,22 @@ def test_request_declared_too_large_is_refused_and_audited(gw: Gateway, keys: Ke
     rows = gw.sql("SELECT agent_id, status, error_code, outcome FROM agentgate.calls WHERE path = '/too-large'")
     assert rows == [{"agent_id": "big-bot", "status": 413, "error_code": "request_too_large",
                      "outcome": "rejected"}]
+
+
+# 12. Nothing to redact: a large download is relayed as it arrives, up to proxy.max_body_bytes.
+@pytest.fixture(scope="module")
+def gw_small(gateway_factory, tls_upstream: Upstream) -> Gateway:
+    return gateway_factory({"proxy": {"upstream_ca_file": str(tls_upstream.ca_file), "max_body_bytes": 1 << 20}},
+                           name="forward-small-bodies")
+
+
+def test_large_download_passes_up_to_the_limit(gw: Gateway, gw_small: Gateway, keys: Keys,
+                                               pii_big_upstream: Upstream) -> None:
+    token = keys.token("dl-bot", roles=["reader"])
+    request = (f"GET http://127.0.0.1:{pii_big_upstream.port}/download?kib=2048 HTTP/1.1\r\n"
+               f"Host: 127.0.0.1:{pii_big_upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n").encode()
+    status, headers, body = through_proxy(gw, request)
+    assert status == 200 and len(body) > 2 << 20 and json.loads(body)["pad"] == "x" * (2048 << 10)
+    assert gw.audit_row(headers[CALL_ID])["response_bytes"] == len(body)
+    status, _, _ = through_proxy(gw_small, request)
+    assert status == 502  # larger than this gateway's proxy.max_body_bytes
