@@ -40,7 +40,9 @@ def parse_body(body: bytes, content_type: str, limit: int) -> tuple[Any, bool, s
         else:
             return None, False, "unsupported_content_type"
     try:
-        return json.loads(body), False, None
+        # UTF-8 only (RFC 8259), as MCP recognition reads it: json.loads(bytes) would also take
+        # UTF-16/32, and policy would judge a JSON-RPC call the gateway had not recognised as one.
+        return json.loads(body.decode("utf-8-sig")), False, None
     except UnicodeDecodeError:
         return None, False, "invalid_utf8"
     except RecursionError:
