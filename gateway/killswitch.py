@@ -56,11 +56,13 @@ class KillSwitch:
         return self.revoked_at is None
 
     def matches(self, identity: Identity) -> bool:
+        """Case-insensitively: an operator who types "Rogue-Bot" for "rogue-bot" must still stop it
+        (a switch errs towards stopping too much, never too little)."""
         if self.scope == "all":
             return True
         if self.scope == "agent":
-            return identity.agent_id == self.target
-        return identity.team is not None and identity.team == self.target
+            return identity.agent_id.casefold() == self.target.casefold()
+        return identity.team is not None and identity.team.casefold() == self.target.casefold()
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "scope": self.scope, "target": self.target, "reason": self.reason,
@@ -96,9 +98,9 @@ class KillSwitches:
     def match(self, identity: Identity) -> KillSwitch | None:
         for switch in self._global.values():
             return switch
-        if (agent := self._by_agent.get(identity.agent_id)):
+        if self._by_agent and (agent := self._by_agent.get(identity.agent_id.casefold())):
             return next(iter(agent.values()))
-        if identity.team is not None and (team := self._by_team.get(identity.team)):
+        if identity.team is not None and self._by_team and (team := self._by_team.get(identity.team.casefold())):
             return next(iter(team.values()))
         return None
 
@@ -173,7 +175,7 @@ class KillSwitches:
         if switch.scope == "all":
             return self._global
         book = self._by_agent if switch.scope == "agent" else self._by_team
-        return book.setdefault(switch.target, {})
+        return book.setdefault(switch.target.casefold(), {})
 
     def _prune(self) -> None:
         for book in (self._by_agent, self._by_team):

@@ -75,6 +75,20 @@ def test_team_and_global_scopes(gw: Gateway, keys: Keys, operator: str) -> None:
     assert get(gw, keys, "s1", team="sales").status == 200
 
 
+def test_targets_match_whatever_their_case(gw: Gateway, keys: Keys, operator: str) -> None:
+    """An operator's "Rogue-Bot" stops "rogue-bot": a switch errs towards stopping too much."""
+    agent = kill(gw, operator, "agent", "Case-Bot")
+    team = kill(gw, operator, "team", "FINANCE")
+    try:
+        assert get(gw, keys, "case-bot").status == 403
+        assert get(gw, keys, "f1", team="Finance").status == 403
+        assert get(gw, keys, "f1", team="support").status == 200
+    finally:
+        revive(gw, operator, agent["id"])
+        revive(gw, operator, team["id"])
+    assert get(gw, keys, "case-bot").status == 200
+
+
 def test_kill_requires_operator_and_valid_input(gw: Gateway, keys: Keys, operator: str) -> None:
     responder = keys.token("r", roles=["responder"])
     resp = gw.call_admin("POST", "/v1/killswitches", responder, {"scope": "all", "reason": "x"})
