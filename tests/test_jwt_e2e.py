@@ -53,7 +53,7 @@ def cases(keys: Keys) -> list[tuple[str, str | None, int, str]]:
     tampered = f"{h}.{_b64(json.dumps(_claims(keys, sub='someone-else')).encode())}.{s}"
     return [
         ("no token", None, 401, "missing_token"),
-        ("not bearer", "Token abc", 401, "malformed_token"),
+        ("not bearer", "Token opaque-credential", 401, "malformed_token"),  # not hex: cannot occur in a hash
         ("malformed", "Bearer not.a.jwt", 401, "malformed_token"),
         ("garbage", "Bearer %%%%", 401, "malformed_token"),
         ("bad signature", f"Bearer {tampered}", 401, "bad_signature"),
