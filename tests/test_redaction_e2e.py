@@ -249,6 +249,30 @@ def test_redaction_worker_starts_with_the_gateway(gw_defaults: Gateway) -> None:
         time.sleep(0.05)  # polling for the process to appear, bounded by the deadline
 
 
+def test_the_worker_leaves_with_a_gateway_killed_outright(gateway_factory, pii_upstream: Upstream) -> None:
+    """kill -9 (or the OOM killer) gives the gateway no chance to stop its worker: the worker
+    notices and leaves, rather than holding its memory for ever."""
+    gw = gateway_factory({"routes": {"pii": {"upstream": pii_upstream.url}}}, name="redaction-killed")
+    deadline = time.monotonic() + 60
+    while not (workers := _redaction_workers(gw)):
+        assert time.monotonic() < deadline, "no redaction worker started"
+        time.sleep(0.05)  # polling for the process to appear, bounded by the deadline
+    gw.proc.kill()
+    gw.proc.wait()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{workers[0]}") and _state(workers[0]) != "Z":
+        assert time.monotonic() < deadline, f"redaction worker {workers[0]} outlived its gateway"
+        time.sleep(0.05)  # polling for the process to go, bounded by the deadline
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def test_a_redaction_worker_that_died_is_replaced(gw_defaults: Gateway, keys: Keys) -> None:
     """A worker killed from outside (the OOM killer) must not leave every later large body
     unredactable until the gateway restarts."""

@@ -15,6 +15,9 @@ import atexit
 import importlib
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -31,8 +34,20 @@ _worker_redactors: dict[str, Any] = {}
 def _pool_instance() -> ProcessPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_exit_with_parent, initargs=(os.getpid(),))
     return _pool
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer. A gateway killed outright (OOM killer, kill -9) cannot stop its worker,
+    which would otherwise wait on its queue forever, holding its memory: it leaves within a second."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="agentgate-parent-watch", daemon=True).start()
 
 
 def prestart() -> None:
