@@ -155,6 +155,9 @@ class Pipeline:
             if mode == "forward" and err.status == 401:
                 err.status = 407
                 err.headers = {"Proxy-Authenticate": 'Bearer realm="agentgate", Basic realm="agentgate"'}
+            elif err.status == 401:  # RFC 6750 section 3: say which scheme, and whether a token was bad
+                invalid = '' if err.code == "missing_token" else ', error="invalid_token"'
+                err.headers = {"WWW-Authenticate": f'Bearer realm="agentgate"{invalid}'}
             raise
 
     def _enforce_and_fail_open(self, call: Call) -> tuple[bool, bool]:

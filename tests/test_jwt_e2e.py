@@ -83,6 +83,8 @@ def test_every_rejection_has_its_code_in_response_and_audit(gw: Gateway, keys: K
             assert err["code"] == code, (name, err)
         else:
             assert err["code"] in ("bad_signature", "alg_not_allowed", "unknown_key"), (name, err)
+        challenge = 'Bearer realm="agentgate"' + ("" if code == "missing_token" else ', error="invalid_token"')
+        assert resp.headers.get("www-authenticate") == challenge, (name, resp.headers)  # RFC 6750
         row = gw.audit_row(resp.headers[CALL_ID])
         assert (row["outcome"], row["error_code"], row["status"]) == ("unauthenticated", err["code"], status), name
         assert row["agent_id"] == ""
