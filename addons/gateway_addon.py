@@ -159,14 +159,13 @@ class AgentGate:
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         call = Call(request=self._gateway_request(flow))
+        credential = flow.request.headers.get("proxy-authorization")
         try:
-            call.identity = identity = await self.pipeline.authenticate(
-                "forward", flow.request.headers.get("proxy-authorization"))
+            call.identity = identity = await self.pipeline.authenticate("forward", credential)
             self.pipeline.check_killswitch(call)  # a stopped agent opens no new tunnel either
         except GatewayError as err:
             self._refuse(flow, call, err)
             return
-        credential = flow.request.headers.get("proxy-authorization")
         self.tunnels[flow.client_conn] = _Tunnel(identity, flow.request.host, extract_bearer(credential))
         flow.request.headers.pop("proxy-authorization", None)
 

@@ -213,14 +213,14 @@ class AdminApi:
             if not isinstance(reason, str) or not reason.strip():
                 raise BadRequest("'reason' is required: say why, for whoever reads the audit")
         switch, stored = await self.killswitches.create(scope, target.strip(), reason.strip(), actor.agent_id)
-        event = (actor, "killswitch.create", f"{switch.id} {switch.scope}:{switch.target}")
+        target = f"{switch.id} {switch.scope}:{switch.target}"
         if not stored:  # in force here, stored when the store is back; this event only in the log
-            log.error("admin event not recorded (audit store unreachable): %s %s by %s, reason %r",
-                      event[1], event[2], actor.agent_id, switch.reason)
+            log.error("admin event not recorded (audit store unreachable): killswitch.create %s by %s, "
+                      "reason %r", target, actor.agent_id, switch.reason)
             return web.json_response({**switch.to_json(), "stored": False,
                                       "warning": "in force on this replica; the audit store is unreachable, "
                                                  "so other replicas see it once it is stored"}, status=201)
-        await self.events.record(*event, reason=switch.reason)
+        await self.events.record(actor, "killswitch.create", target, reason=switch.reason)
         return web.json_response({**switch.to_json(), "stored": True}, status=201)
 
     async def revoke_killswitch(self, request: web.Request) -> web.Response:

@@ -44,9 +44,9 @@ from storage.spool import AuditSpool, AuditUnavailable
 log = logging.getLogger("agentgate.pipeline")
 
 RANGE_HEADERS = frozenset({"range", "if-range"})
+"""Request headers dropped when the response must be redacted: it must come back whole."""
 METHOD_OVERRIDE_HEADERS = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
 """Headers some frameworks read as the real method: a POST judged as a POST must not act as a DELETE."""
-"""Request headers dropped when the response must be redacted: it must come back whole."""
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

@@ -24,13 +24,13 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "content-length"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 # On a route whose credential the gateway injects, a session the upstream opens on its strength
 # is that credential too: the agent neither receives it nor sends one of its own.
+_CONNECTION = ("connection", "proxy-connection")
 _SESSION_REQUEST, _SESSION_RESPONSE = frozenset({"cookie", "cookie2"}), frozenset({"set-cookie", "set-cookie2"})
 
 
-def _nominated(headers: Iterable[tuple[str, str]]) -> set[str]:
-    """Header names a Connection (or Proxy-Connection) header lists: hop-by-hop as well."""
-    return {token.strip().lower() for name, value in headers
-            if name.lower() in ("connection", "proxy-connection") for token in value.split(",")}
+def _nominated(values: Iterable[str]) -> set[str]:
+    """Header names the Connection (or Proxy-Connection) header ``values`` list: hop-by-hop too."""
+    return {token.strip().lower() for value in values for token in value.split(",")}
 
 
 @dataclass(slots=True)
@@ -98,7 +98,7 @@ class RouteUpstream:
         assert req.route is not None and self._session is not None
         route = self._routes[req.route]
         url = route.base + call.canonical_path + (f"?{req.query}" if req.query else "")
-        drop = _REQUEST_DROP | _nominated(req.headers)
+        drop = _REQUEST_DROP | _nominated(v for k, v in req.headers if k.lower() in _CONNECTION)
         if route.credential:
             drop |= _SESSION_REQUEST
         if call.redaction is not None:
@@ -128,7 +128,8 @@ class RouteUpstream:
 
 def response_headers(upstream: aiohttp.ClientResponse, *, session: bool = True) -> CIMultiDict[str]:
     """The upstream's headers the agent gets: not hop-by-hop ones, nor (``session=False``) cookies."""
-    drop = _RESPONSE_DROP | _nominated(upstream.headers.items())
+    headers = upstream.headers
+    drop = _RESPONSE_DROP | _nominated(headers.getall("Connection", []) + headers.getall("Proxy-Connection", []))
     if not session:
         drop |= _SESSION_RESPONSE
-    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)

@@ -73,6 +73,7 @@ TABLE_FUNCTIONS = frozenset(name.lower() for name in (
     "urlCluster", "values", "view", "viewExplain", "viewIfPermitted", "ytsaurus", "zeros",
     "zeros_mt",
 ))
+_REFUSED_CALLS = TABLE_FUNCTIONS - GENERATORS
 
 
 class StoreError(Exception):
@@ -194,7 +195,7 @@ def _check_call(name: str, kind: str) -> None:
     if kind == "literal":
         if name[0] in "`\"":
             raise QueryRejected(f"calling {name} (a quoted name) is not allowed in an audit query")
-    elif name.lower() in TABLE_FUNCTIONS and name.lower() not in GENERATORS:
+    elif name.lower() in _REFUSED_CALLS:
         raise QueryRejected(f"table function {name}() is not allowed in an audit query "
                             "(it reads files or URLs, or reaches other servers)")
 

@@ -114,10 +114,11 @@ class SseRedactor:
         lines = parts[0::2]
         terms = parts[1::2]
         data_idx = [i for i, ln in enumerate(lines) if ln == "data" or ln.startswith("data:")]
+        is_data = set(data_idx)
         # id, event and comment lines reach the agent too: the detectors read them as text.
         changed = False
         for i, ln in enumerate(lines):
-            if ln and i not in data_idx and (new_line := self._plan.redact_text(ln, self.report)) is not None:
+            if ln and i not in is_data and (new_line := self._plan.redact_text(ln, self.report)) is not None:
                 lines[i] = new_line
                 changed = True
         new = self._redact_data("\n".join(_field_value(lines[i]) for i in data_idx), index) if data_idx else None
