@@ -16,6 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import mcp
+from gateway.echo_guard import KIND
 from gateway.errors import CALL_ID_HEADER, GatewayError, error_body
 from gateway.models import Call, GatewayRequest
 from gateway.pipeline import Pipeline
@@ -88,7 +89,7 @@ class RouteFrontEnd:
         greq.scheme, greq.host, greq.port = target
         if (batch := mcp.batch_of(call, self.pipeline.cfg.policy.inspect_body_bytes)) is not None:
             return reply_response(await mcp.run_batch(  # JSON-RPC batch: each element its own call
-                self.pipeline, call, batch, credential=credential, send=mcp.route_sender(self.upstream)))
+                self.pipeline, call, batch, credential=credential, send=self._batch_sender))
         try:
             upstream_resp = await self.pipeline.run(call, self.upstream, credential=credential)
         except GatewayError as err:
@@ -99,6 +100,17 @@ class RouteFrontEnd:
             self.pipeline.fail(call, err)
             return error_response(err, call.call_id)
         return await self._relay(request, call, upstream_resp)
+
+    async def _batch_sender(self, call: Call) -> mcp.Reply:
+        """A JSON-RPC batch element's upstream answer (the route's credential cut out of it)."""
+        reply = await mcp.route_sender(self.upstream)(call)
+        guard = self.upstream.echo_guard(call.request.route)
+        if guard is not None:
+            _echoes(call, guard.headers(reply.headers))
+            coding = next((v for k, v in reply.headers.items() if k.lower() == "content-encoding"), None)
+            reply.body, n = guard.whole(reply.body, coding, call.reasons)
+            _echoes(call, n)
+        return reply
 
     def _front_end_refusal(self, route: str | None, too_large: bool) -> GatewayError | None:
         if route is None:
@@ -125,6 +137,9 @@ class RouteFrontEnd:
 
     async def _relay(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         headers = response_headers(upstream, session=not self.upstream.injects_credential(call.request.route))
+        guard = self.upstream.echo_guard(call.request.route)
+        if guard is not None:
+            _echoes(call, guard.headers(headers))
         headers[CALL_ID_HEADER] = call.call_id
         length = upstream.content_length
         is_sse = upstream.content_type == "text/event-stream"
@@ -147,8 +162,7 @@ class RouteFrontEnd:
                     return error_response(self._broken(call, exc), call.call_id)
                 if rpc is not None:
                     await rpc.body(body)  # MCP: records the tool result's isError
-                self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
-                return web.Response(status=upstream.status, body=body, headers=headers)
+                return self._whole(call, upstream.status, body, headers)
             return await self._relay_stream(request, call, upstream, headers, sse, rpc=rpc)
         except GatewayError as err:  # the response cannot be redacted and the route refuses it
             self.pipeline.fail(call, err)
@@ -184,8 +198,7 @@ class RouteFrontEnd:
         body = await rpc.body(reply.body)
         body = await self.pipeline.redact(call, body, content_type=upstream.headers.get("Content-Type", ""),
                                           content_encoding=_content_encoding(upstream))
-        self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
-        return web.Response(status=upstream.status, body=body, headers=headers)
+        return self._whole(call, upstream.status, body, headers)
 
     async def _relay_redacted(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
                               headers: CIMultiDict[str], rpc: mcp.ReplyHandler | None = None) -> web.StreamResponse:
@@ -201,20 +214,36 @@ class RouteFrontEnd:
             await rpc.body(body)  # MCP: records the tool result's isError
         body = await self.pipeline.redact(call, body, content_type=upstream.headers.get("Content-Type", ""),
                                           content_encoding=_content_encoding(upstream))
-        self.pipeline.finish(call, status=upstream.status, response_bytes=len(body))
-        return web.Response(status=upstream.status, body=body, headers=headers)
+        return self._whole(call, upstream.status, body, headers)
+
+    def _whole(self, call: Call, status: int, body: bytes, headers: CIMultiDict[str]) -> web.Response:
+        """Answer with a body read whole (the route's credential cut out of it first)."""
+        guard = self.upstream.echo_guard(call.request.route)
+        if guard is not None:
+            body, n = guard.whole(body, ", ".join(headers.getall("Content-Encoding", [])) or None, call.reasons)
+            _echoes(call, n)
+        self.pipeline.finish(call, status=status, response_bytes=len(body))
+        return web.Response(status=status, body=body, headers=headers)
 
     async def _relay_stream(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
                             headers: CIMultiDict[str], sse: Any, prefix: bytes = b"",
                             rpc: mcp.ReplyHandler | None = None) -> web.StreamResponse:
+        guard = self.upstream.echo_guard(call.request.route)
+        echo = None
+        if guard is not None:
+            guard.check_stream(_content_encoding(upstream), call.reasons)
+            echo = guard.stream()
         resp = web.StreamResponse(status=upstream.status, headers=headers)
         await resp.prepare(request)
 
-        async def send(data: bytes) -> None:
+        async def send(data: bytes) -> int:
+            if echo is not None:
+                data = echo.feed(data)
             try:
                 await resp.write(data)
             except ConnectionError as exc:  # the agent's side, not the upstream's
                 raise _AgentGone from exc
+            return len(data)
 
         cut = asyncio.Event()
 
@@ -227,18 +256,21 @@ class RouteFrontEnd:
         failure: GatewayError | None = None
         try:
             if prefix:
-                await send(prefix)
-                sent = len(prefix)
+                sent = await send(prefix)
             async for chunk in upstream.content.iter_any():
                 if rpc is not None:
                     rpc.feed(chunk)  # MCP: observes the tool result's isError as events pass
                 out = sse.feed(chunk) if sse is not None else chunk
                 if out:
-                    await send(out)
-                    sent += len(out)
+                    sent += await send(out)
             if sse is not None and (tail := sse.close()):
-                await send(tail)
+                sent += await send(tail)
+            if echo is not None and (tail := echo.close()):
                 sent += len(tail)
+                try:
+                    await resp.write(tail)
+                except ConnectionError as exc:
+                    raise _AgentGone from exc
             if not cut.is_set():
                 try:
                     await resp.write_eof()
@@ -264,6 +296,8 @@ class RouteFrontEnd:
             self.pipeline.streams.discard(call)
             if sse is not None:
                 self.pipeline.record_redaction(call, sse.report)
+            if echo is not None:
+                _echoes(call, echo.count)
         call.response_bytes = sent
         if cut.is_set():
             failure = GatewayError("stream cut: agent suspended", code="agent_suspended",
@@ -282,6 +316,14 @@ class RouteFrontEnd:
                            status=502, outcome="upstream_error")
         self.pipeline.fail(call, err)
         return err
+
+
+def _echoes(call: Call, n: int) -> None:
+    """Record that the upstream sent the route's credential back (``n`` times; cut out)."""
+    if n:
+        call.redaction_counts[KIND] = call.redaction_counts.get(KIND, 0) + n
+        log.warning("call %s: the upstream of route %s echoed the route credential (%d times; cut out)",
+                    call.call_id, call.request.route, n)
 
 
 class _AgentGone(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,9 +12,12 @@ import yarl
 from multidict import CIMultiDict
 
 from gateway.config import Config, RouteConfig
+from gateway.echo_guard import MIN_SECRET_BYTES, EchoGuard
 from gateway.errors import UpstreamError
 from gateway.models import Call
 from gateway.pipeline import RANGE_HEADERS
+
+log = logging.getLogger(__name__)
 
 # RFC 9110 §7.6.1 hop-by-hop headers plus what the gateway itself sets.
 HOP_BY_HOP = frozenset({
@@ -39,6 +43,7 @@ class _Route:
     ssl: ssl.SSLContext | bool
     timeout: aiohttp.ClientTimeout
     credential: tuple[str, str] | None
+    guard: EchoGuard | None
 
 
 def _ssl_for(route: RouteConfig) -> ssl.SSLContext | bool:
@@ -59,17 +64,26 @@ class RouteUpstream:
     """
 
     def __init__(self, cfg: Config) -> None:
-        self._routes = {
-            name: _Route(
+        self._routes: dict[str, _Route] = {}
+        for name, r in cfg.routes.items():
+            credential = (r.credential.header, r.credential.resolve()) if r.credential else None
+            guard = None
+            if credential is not None:
+                guard = EchoGuard(credential[1], secret=credential[1][len(r.credential.prefix):],
+                                  decode_limit=cfg.redaction.max_inspect_bytes)
+                if not guard.active:
+                    log.warning("route %s: its credential is shorter than %d bytes, too short to be "
+                                "searched for in responses (an upstream echoing it would hand it to "
+                                "the agent)", name, MIN_SECRET_BYTES)
+            self._routes[name] = _Route(
                 base=r.upstream,
                 ssl=_ssl_for(r),
                 # No total: streams (SSE, downloads) may last; an upstream silent for timeout_seconds is cut.
                 timeout=aiohttp.ClientTimeout(total=None, connect=r.connect_timeout_seconds,
                                               sock_read=r.timeout_seconds),
-                credential=(r.credential.header, r.credential.resolve()) if r.credential else None,
+                credential=credential,
+                guard=guard,
             )
-            for name, r in cfg.routes.items()
-        }
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -106,6 +120,7 @@ class RouteUpstream:
         headers = CIMultiDict((k, v) for k, v in req.headers if k.lower() not in drop)
         if route.credential:
             headers[route.credential[0]] = route.credential[1]
+            headers["Accept-Encoding"] = "identity"  # so that an echo of it can be cut (gateway/echo_guard.py)
         try:
             return await self._session.request(
                 req.method, yarl.URL(url, encoded=True), headers=headers,
@@ -124,6 +139,11 @@ class RouteUpstream:
 
     def injects_credential(self, route: str) -> bool:
         return self._routes[route].credential is not None
+
+    def echo_guard(self, route: str | None) -> EchoGuard | None:
+        """The search for the route's injected credential in responses (None: nothing injected)."""
+        r = self._routes.get(route) if route is not None else None
+        return r.guard if r is not None and r.guard is not None and r.guard.active else None
 
 
 def response_headers(upstream: aiohttp.ClientResponse, *, session: bool = True) -> CIMultiDict[str]:
