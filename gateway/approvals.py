@@ -23,7 +23,7 @@ from gateway.errors import Forbidden, GatewayError
 from gateway.killswitch import KillSwitch, from_datetime, to_datetime
 from gateway.models import Call, Identity
 from gateway.registry import AgentRegistry
-from storage.state_schema import APPROVAL_COLUMNS, APPROVALS, latest_rows
+from storage.state_schema import APPROVAL_COLUMNS, APPROVALS, claim_transition, latest_rows
 from storage.store import Store, insert_rows
 
 log = logging.getLogger("agentgate.approvals")
@@ -108,6 +108,17 @@ class Approval:
             values[key] = to_datetime(values[key])
         return tuple(values[n] for n in _COLUMN_NAMES)
 
+    def record(self) -> str:
+        """The whole approval as JSON (what a claimed change carries to the other replicas)."""
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_record(cls, text: str) -> "Approval":
+        values = json.loads(text)
+        values["reasons"] = tuple(values["reasons"])
+        values["approvers"] = tuple(values["approvers"])
+        return cls(**values)
+
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Approval":
         values = dict(row)
@@ -163,18 +174,18 @@ class Approvals:
         async with self._lock:
             usable = self._find(call.identity.agent_id, digest)
             if usable is not None and usable.state == APPROVED:
-                self._mark(call, usable)
-                await self._consume(usable, call)
-                return
+                if await self._consume(usable, call):
+                    return
+                usable = None  # another call (on any replica) used it, or it was denied meanwhile
             approval = usable or await self._create(call, digest)
         call.approval_id = approval.id
         decided = await self._wait(approval.id, self.cfg.hold_seconds)
         async with self._lock:
             current = self._by_id[approval.id]
             if current.state == APPROVED and current.effective_state() == APPROVED:
-                self._mark(call, current)
-                await self._consume(current, call)
-                return
+                if await self._consume(current, call):
+                    return
+                current = self._by_id[approval.id]
         self._mark(call, current)
         if current.state == DENIED:
             raise Forbidden(f"approval {current.id} denied by {current.decided_by}: {current.decision_reason}",
@@ -221,11 +232,33 @@ class Approvals:
         self.notify(approval)
         return approval
 
-    async def _consume(self, approval: Approval, call: Call) -> None:
+    async def _consume(self, approval: Approval, call: Call) -> bool:
+        """Use the approval's one pass for ``call``; False if another call (or a denial) came first."""
         used = replace(approval, state=CONSUMED, consumed_at=time.time(), consumed_by_call=call.call_id,
                        version=approval.version + 1)
-        self._by_id[used.id] = used
-        await self._persist(used)
+        if await self._transition(used) is not used:
+            log.info("approval %s: call %s lost the pass to another change", approval.id, call.call_id)
+            return False
+        self._mark(call, approval)
+        return True
+
+    async def _transition(self, new: Approval) -> Approval:
+        """Make the change ``new`` (a version above the one it was made from), once across
+        replicas: returns ``new`` if it happened, else the change that did (now applied here).
+
+        See storage/state_schema.py: the change is claimed in the store first; only the claimant
+        that holds writes the new version."""
+        claimant = uuid.uuid4().hex
+        holder, record = await self.store.run(claim_transition, self.store.database, new.id, new.version,
+                                              claimant, new.record())
+        if holder == claimant:
+            await self._persist(new)
+            self._apply_one(new)
+            return new
+        won = Approval.from_record(record)
+        await self._persist(won)  # idempotent; covers a claimant that stopped before writing it
+        self._apply_one(won)
+        return won
 
     async def _wait(self, approval_id: str, timeout: float) -> bool:
         event = asyncio.Event()
@@ -274,8 +307,10 @@ class Approvals:
             decided = replace(approval, state=APPROVED if approve else DENIED, decided_by=actor.agent_id,
                               decided_role=role, decided_at=time.time(), decision_reason=reason,
                               version=approval.version + 1)
-            await self._persist(decided)
-            self._apply_one(decided)
+            happened = await self._transition(decided)
+            if happened is not decided:  # decided (or used, or denied by a kill-switch) elsewhere first
+                raise ApprovalError(f"approval {approval_id} is already {happened.effective_state()}; "
+                                    "a decision is final", code="already_decided", status=409)
             return decided
 
     def _approver_role(self, approval: Approval, actor: Identity) -> str:
@@ -308,8 +343,7 @@ class Approvals:
                 denied = replace(approval, state=DENIED, decided_by=f"killswitch:{switch.id}",
                                  decided_role="operator", decided_at=time.time(),
                                  decision_reason=f"agent suspended: {switch.reason}", version=approval.version + 1)
-                await self._persist(denied)
-                self._apply_one(denied)
+                await self._transition(denied)  # a pass used meanwhile stays used: it went through
 
     # -- replication ---------------------------------------------------------------------------
     def apply(self, approvals: list[Approval]) -> None:

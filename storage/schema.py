@@ -237,7 +237,7 @@ Step = Union[str, Callable[[Any], None]]
 
 def migrations(database: str, ttl_days: int) -> list[tuple[int, list[Step]]]:
     """Ordered (version, [DDL or step(client) ...]); a version is recorded once all its steps ran."""
-    from storage.state_schema import state_tables_ddl
+    from storage.state_schema import state_tables_ddl, transitions_ddl
 
     return [
         (1, [calls_ddl(database, ttl_days)]),
@@ -250,6 +250,7 @@ def migrations(database: str, ttl_days: int) -> list[tuple[int, list[Step]]]:
             + [lambda client: backfill_hourly(client, database)]),
         (4, _add_columns(database, ("redacted_paths", "redaction_counts"))),
         (5, _add_columns(database, ("rpc_method", "rpc_id", "tool_arguments", "tool_error"))),
+        (6, [transitions_ddl(database)]),
     ]
 
 

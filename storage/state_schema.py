@@ -4,15 +4,26 @@ Kill-switches and approvals are ReplacingMergeTree tables keyed by id: every cha
 the whole record again with a higher ``version``; readers take the latest with ``FINAL``.
 Replicas poll them, so a switch flipped or an approval decided on one replica takes effect on
 every replica within the poll interval.
+
+An approval's changes must also be decided once across replicas (approve on one and deny on
+another; one pass used by two retries at once). ClickHouse has no compare-and-set, but it drops
+an insert whose ``insert_deduplication_token`` it has seen (on a plain MergeTree table when
+``non_replicated_deduplication_window`` is set; on Replicated tables through Keeper): each change
+first claims ``(approval id, new version)`` in ``approval_transitions`` with that token, and the
+claim that is stored is the one that happened (``claim_transition``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 KILLSWITCHES = "killswitches"
 APPROVALS = "approvals"
 ADMIN_EVENTS = "admin_events"
+TRANSITIONS = "approval_transitions"
+# Claims remembered for deduplication: far more than the approvals decided within their TTL.
+DEDUP_WINDOW = 100_000
 
 KILLSWITCH_COLUMNS: tuple[tuple[str, str], ...] = (
     ("id", "String"),
@@ -81,6 +92,45 @@ def state_tables_ddl(database: str) -> list[str]:
         "ENGINE = MergeTree PARTITION BY toDate(ts) ORDER BY (ts, actor)\n"
         "COMMENT 'Every admin action and refused admin attempt'",
     ]
+
+
+TRANSITION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("approval_id", "String"),
+    ("version", "UInt64"),
+    ("claimant", "String"),
+    ("claimed_at", "DateTime64(6, 'UTC')"),
+    ("record", "String"),
+)
+
+
+def transitions_ddl(database: str) -> str:
+    return (f"CREATE TABLE IF NOT EXISTS {database}.{TRANSITIONS} (\n    {_cols(TRANSITION_COLUMNS)}\n)\n"
+            "ENGINE = MergeTree ORDER BY (approval_id, version)\n"
+            "TTL toDateTime(claimed_at) + INTERVAL 30 DAY\n"
+            f"SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}\n"
+            "COMMENT 'Approval changes claimed once across replicas: the first claim of (approval_id, "
+            "version) is the change that happened; record holds the approval as it became'")
+
+
+def claim_transition(client: Any, database: str, approval_id: str, version: int, claimant: str,
+                     record: str) -> tuple[str, str]:
+    """Claim the change of ``approval_id`` to ``version``; (claimant, record) of the claim that holds.
+
+    A store call. The insert carries a deduplication token naming the change, so of concurrent
+    claims the first stored is the only one stored, on every replica's store connection."""
+    now = dt.datetime.now(dt.timezone.utc)
+    client.insert(TRANSITIONS, [(approval_id, version, claimant, now, record)], database=database,
+                  column_names=[n for n, _ in TRANSITION_COLUMNS],
+                  column_type_names=[t for _, t in TRANSITION_COLUMNS],
+                  settings={"insert_deduplicate": 1, "async_insert": 0,
+                            "insert_deduplication_token": f"{approval_id}@{version}"})
+    rows = client.query(
+        f"SELECT claimant, record FROM {database}.{TRANSITIONS} "
+        "WHERE approval_id = {id:String} AND version = {v:UInt64} ORDER BY claimed_at, claimant LIMIT 1",
+        parameters={"id": approval_id, "v": version}).result_rows
+    if not rows:
+        raise RuntimeError(f"the claim of approval {approval_id} version {version} was not stored")
+    return str(rows[0][0]), str(rows[0][1])
 
 
 def latest_rows(client: Any, database: str, table: str, names: tuple[str, ...],

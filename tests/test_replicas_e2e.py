@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from tests.clickhouse_fixture import ClickHouseFixture
-from tests.conftest import Gateway, Keys, Upstream, http, wait_until
+from tests.conftest import Gateway, Keys, Response, Upstream, http, wait_until
 
 CALL_ID = "x-agentgate-call-id"
 
@@ -73,3 +72,58 @@ def test_call_held_on_a_is_released_by_approval_on_b(replicas, keys: Keys, upstr
     row = b.audit_row(call_id)
     assert (row["outcome"], row["approval_id"], row["approver"]) == ("approved", approval["id"], "lead")
     assert row["gateway_instance"] != ""
+
+
+@pytest.fixture(scope="module")
+def quick_replicas(gateway_factory, upstream: Upstream, clickhouse: ClickHouseFixture) -> tuple[Gateway, Gateway]:
+    """Replicas that answer a held call at once (approval_pending), so that retries decide."""
+    overrides = {"audit": {"dsn": clickhouse.dsn}, "approval": {"hold_seconds": 0},
+                 "routes": {"plain": {"upstream": upstream.url}}}
+    return gateway_factory(overrides, name="quick-a"), gateway_factory(overrides, name="quick-b")
+
+
+def _refund(gw: Gateway, keys: Keys, agent: str, body: bytes) -> Response:
+    return http("POST", gw.route_url("plain", "/refunds"), body=body,
+                headers={"Authorization": f"Bearer {keys.token(agent, roles=['writer'])}",
+                         "Content-Type": "application/json"})
+
+
+def _pending_on_both(a: Gateway, b: Gateway, lead: str, agent: str) -> str:
+    def ids(gw: Gateway) -> list[str]:
+        return [x["id"] for x in gw.call_admin("GET", "/v1/approvals?state=pending", lead).json()["approvals"]
+                if x["agent_id"] == agent]
+    wait_until(lambda: len(ids(a)) == 1 and ids(a) == ids(b), timeout=10, what="both replicas to see the hold")
+    return ids(a)[0]
+
+
+def test_approve_on_one_and_deny_on_the_other_at_once(quick_replicas, keys: Keys) -> None:
+    a, b = quick_replicas
+    lead = keys.token("lead", roles=["approver", "support-lead"])
+    assert _refund(a, keys, "torn-bot", b'{"id": "t1"}').status == 403
+    approval_id = _pending_on_both(a, b, lead, "torn-bot")
+    with ThreadPoolExecutor(2) as pool:
+        approve = pool.submit(a.call_admin, "POST", f"/v1/approvals/{approval_id}/approve", lead, {"reason": "ok"})
+        deny = pool.submit(b.call_admin, "POST", f"/v1/approvals/{approval_id}/deny", lead, {"reason": "no"})
+        statuses = sorted([approve.result(30).status, deny.result(30).status])
+    assert statuses == [200, 409], statuses  # a decision is final, across replicas too
+
+    def state(gw: Gateway) -> str:
+        return gw.call_admin("GET", f"/v1/approvals/{approval_id}", lead).json()["state"]
+    wait_until(lambda: state(a) == state(b), timeout=5, what="both replicas to agree")
+
+
+def test_one_approval_lets_one_retry_through_across_replicas(quick_replicas, keys: Keys, upstream: Upstream) -> None:
+    a, b = quick_replicas
+    lead = keys.token("lead", roles=["approver", "support-lead"])
+    body = b'{"id": "twice"}'
+    assert _refund(a, keys, "twice-bot", body).status == 403
+    approval_id = _pending_on_both(a, b, lead, "twice-bot")
+    assert a.call_admin("POST", f"/v1/approvals/{approval_id}/approve", lead, {"reason": "ok"}).status == 200
+    wait_until(lambda: all(gw.call_admin("GET", f"/v1/approvals/{approval_id}", lead).json()["state"] == "approved"
+                           for gw in (a, b)), timeout=5, what="both replicas to see the approval")
+    before = sum(1 for s in upstream.seen if s.path == "/refunds" and s.body == body)
+    with ThreadPoolExecutor(2) as pool:
+        retries = [pool.submit(_refund, gw, keys, "twice-bot", body) for gw in (a, b)]
+        statuses = sorted(r.result(30).status for r in retries)
+    assert statuses == [200, 403], statuses
+    assert sum(1 for s in upstream.seen if s.path == "/refunds" and s.body == body) == before + 1
