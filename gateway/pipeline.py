@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from gateway import mcp
 from gateway.approvals import Approvals
-from gateway.canonical import canonical_host, canonical_path, canonical_port
+from gateway.canonical import canonical_host, canonical_path, canonical_port, check_query
 from gateway.config import Config
 from gateway.errors import BadRequest, Forbidden, GatewayError, Unauthenticated
 from gateway.identity import IdentityError, JwtVerifier, extract_bearer
@@ -178,6 +178,7 @@ class Pipeline:
                 f"Host header {req.host!r} does not match the CONNECT target {req.connect_host!r}",
                 code="host_mismatch")
         call.canonical_path, segments = canonical_path(req.path)
+        check_query(req.query)
         for name, value in req.headers:
             if name.lower() in METHOD_OVERRIDE_HEADERS and value.strip().upper() != req.method:
                 raise BadRequest(f"{name}: {value.strip()[:20]!r} would make this {req.method} another method "
