@@ -1,9 +1,10 @@
 """Canonical host, port, path and query, so a policy allow-list cannot be bypassed by spelling.
 
 Policy only ever sees these canonical forms. Anything whose meaning could differ between the
-gateway and an upstream (encoded slashes, leftover dot-segments, NULs, backslashes) is refused
-with ``BadRequest`` rather than guessed at. Front ends should forward the canonical path, so
-the upstream receives exactly what policy judged.
+gateway and an upstream (encoded slashes, leftover dot-segments, NULs, backslashes, ``;`` path
+parameters and query separators, Unicode that normalises to a dot-segment or a separator) is
+refused with ``BadRequest`` rather than guessed at. Front ends should forward the canonical
+path, so the upstream receives exactly what policy judged.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import unicodedata
 from urllib.parse import parse_qs, unquote_to_bytes
 
 import idna
 
 from gateway.errors import BadRequest
 
-__all__ = ["canonical_host", "canonical_port", "canonical_path", "parse_query", "DEFAULT_PORTS"]
+__all__ = ["canonical_host", "canonical_port", "canonical_path", "check_query", "parse_query",
+           "DEFAULT_PORTS"]
 
 DEFAULT_PORTS: dict[str, int] = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -225,9 +228,9 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out)
 
 
-def _fully_decoded(raw: str, segment: str) -> bytes:
+def _fully_decoded(raw: str, segment: str | bytes) -> bytes:
     """Decode repeatedly, as a double-decoding upstream might, until nothing changes."""
-    data = segment.encode("ascii")
+    data = segment.encode("ascii") if isinstance(segment, str) else segment
     for _ in range(_MAX_DECODE_ROUNDS):
         decoded = unquote_to_bytes(data)
         if decoded == data:
@@ -236,25 +239,48 @@ def _fully_decoded(raw: str, segment: str) -> bytes:
     raise _ambiguous(raw, "too many nested percent-encodings")
 
 
-def _check_segment(raw: str, segment: str) -> None:
-    decoded = _fully_decoded(raw, segment)
+def _why_ambiguous(segment: str, decoded: bytes) -> str | None:
+    """Why a server could read this fully decoded segment as a separator or dot-segment, if so."""
     if b"/" in decoded:
-        raise _ambiguous(raw, "encoded '/' (%2F) in a segment")
+        return "encoded '/' (%2F) in a segment"
     if b"\\" in decoded:
-        raise _ambiguous(raw, "encoded '\\' (%5C) in a segment")
+        return "encoded '\\' (%5C) in a segment"
     if b"\x00" in decoded:
-        raise _ambiguous(raw, "encoded NUL (%00)")
+        return "encoded NUL (%00)"
     if any(b < 0x20 or b == 0x7F for b in decoded):
-        raise _ambiguous(raw, "encoded control character")
+        return "encoded control character"
     # "..;x" (Tomcat path parameters), "%252e%252e" (double encoding), ".. " (IIS trimming):
     # all of these are a parent reference for some server, so none may reach an upstream.
     stem = decoded.split(b";", 1)[0].strip()
     if stem and not stem.strip(b"."):
-        raise _ambiguous(raw, f"dot-segment in disguise ({segment!r})")
+        return f"dot-segment in disguise ({segment!r})"
+    return None
 
 
-def _canonical_path(raw: str) -> tuple[str, tuple[str, ...]]:
-    """The uncached computation of :func:`canonical_path`."""
+def _check_segment(raw: str, segment: str) -> bool:
+    """Refuse an ambiguous segment; True when it holds a ``;`` (raw or encoded at any depth).
+
+    Servers that normalise Unicode (NFKC: IIS and .NET, some Java and Python frameworks) read
+    fullwidth "．．" as "..", "／" and "＼" as separators and "％２ｆ" as "%2f": a non-ASCII
+    segment is checked again in its NFKC form. ASCII segments (nearly all) skip that.
+    """
+    decoded = _fully_decoded(raw, segment)
+    why = _why_ambiguous(segment, decoded)
+    if why is not None:
+        raise _ambiguous(raw, why)
+    if not decoded.isascii():
+        text = decoded.decode("utf-8", errors="replace")  # not UTF-8: refused by the caller
+        if not unicodedata.is_normalized("NFKC", text):
+            folded = unicodedata.normalize("NFKC", text)
+            if _why_ambiguous(segment, _fully_decoded(raw, folded.encode("utf-8"))) is not None:
+                raise _ambiguous(raw, f"{text!r} normalises (NFKC) to {folded!r}: a separator or "
+                                      "dot-segment to servers that normalise Unicode")
+    return b";" in decoded
+
+
+def _canonical_path(raw: str) -> tuple[str, tuple[str, ...], str | None]:
+    """The uncached computation of :func:`canonical_path`; also the first segment holding a
+    ``;`` (refused or not by the caller, so one memo serves both settings), or None."""
     if not isinstance(raw, str) or not raw.startswith("/"):
         shown = raw[:200] if isinstance(raw, str) else raw
         raise BadRequest(f"invalid path {shown!r}: must start with '/'", code="invalid_path")
@@ -265,14 +291,16 @@ def _canonical_path(raw: str) -> tuple[str, tuple[str, ...]]:
     path = _remove_dot_segments(path)
     raw_segments = [s for s in path.split("/") if s]
     segments: list[str] = []
+    semicolon: str | None = None
     for seg in raw_segments:
-        _check_segment(raw, seg)
+        if _check_segment(raw, seg) and semicolon is None:
+            semicolon = seg
         try:
             segments.append(unquote_to_bytes(seg).decode("utf-8"))
         except UnicodeDecodeError:
             raise BadRequest(f"invalid path {raw[:200]!r}: not UTF-8 after percent-decoding",
                              code="invalid_path") from None
-    return path, tuple(segments)
+    return path, tuple(segments), semicolon
 
 
 _host_memo = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_canonical_host)
@@ -291,28 +319,51 @@ def canonical_host(host: str) -> str:
     return _canonical_host(host)
 
 
-def canonical_path(raw: str) -> tuple[str, list[str]]:
+def canonical_path(raw: str, *, literal_semicolons: bool = False) -> tuple[str, list[str]]:
     """Canonical form of a raw request path (no query) and its decoded, non-empty segments.
 
     Unreserved escapes are decoded and other escapes upper-cased (RFC 3986 §6.2.2), slashes
     collapsed, dot-segments resolved (§5.2.4), a trailing slash kept. Raises
     ``BadRequest`` with ``invalid_path`` (not an absolute path, malformed escape, control
     character, not UTF-8) or ``ambiguous_path`` (encoded ``/`` ``\\`` or NUL, backslash,
-    a disguised ``..``).
+    a disguised ``..``, a segment whose NFKC form is one of these, and, unless
+    ``literal_semicolons``, a ``;`` in a segment).
+
+    ``;`` starts path parameters for Tomcat, Jetty and Spring, which route ``/admin;x=1/users``
+    as ``/admin/users``. ``%3B`` is refused too, as ``%2F`` is: a proxy or framework that
+    decodes before the container strips parameters turns it into a raw ``;``.
+    ``literal_semicolons`` is for upstreams that read ``;`` as an ordinary character.
     """
     if isinstance(raw, str) and len(raw) <= _MEMO_MAX_LEN:
-        path, segments = _path_memo(raw)
+        path, segments, semicolon = _path_memo(raw)
     else:
-        path, segments = _canonical_path(raw)
+        path, segments, semicolon = _canonical_path(raw)
+    if semicolon is not None and not literal_semicolons:
+        raise _ambiguous(raw, f"';' in segment {semicolon!r} (a path parameter for Tomcat, Jetty "
+                              "and Spring, which route /a;x=1/b as /a/b)")
     return path, list(segments)  # a list of its own: callers may change it
 
 
 # Query --------------------------------------------------------------------------------------
 
+def check_query(qs: str, *, literal_semicolons: bool = False) -> None:
+    """Refuse (400 ``ambiguous_query``) an unencoded ``;`` in a query string.
+
+    Policy splits the query on ``&`` only (:func:`parse_query`); Rack, older Go and Python and
+    many frameworks also split on ``;``, so ``a=1;b=2`` would be one parameter for policy and
+    two upstream. ``%3B`` is a literal ``;`` everywhere and passes. ``literal_semicolons`` is for
+    upstreams that split on ``&`` only.
+    """
+    if not literal_semicolons and ";" in qs:
+        raise BadRequest("ambiguous query: unencoded ';' (some servers split parameters on it, "
+                         "policy does not); send it as %3B", code="ambiguous_query")
+
+
 def parse_query(qs: str) -> dict[str, list[str]]:
     """``a=1&a=2&b&c=`` -> ``{"a": ["1", "2"], "b": [""], "c": [""]}``; ``+`` is a space.
 
-    Like Go's ``url.ParseQuery`` (OPA Envoy's ``parsed_query``): only ``&`` separates.
+    Like Go's ``url.ParseQuery`` (OPA Envoy's ``parsed_query``): only ``&`` separates; the
+    front ends refuse a raw ``;`` first (:func:`check_query`) unless the upstream agrees.
     Bytes that are not UTF-8 are refused rather than replaced, so two different queries
     cannot look alike to policy.
     """

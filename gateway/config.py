@@ -163,6 +163,15 @@ class RouteConfig(_Section):
     unredactable: Literal["refuse", "pass"] = "refuse"
     """A response that must be redacted but cannot be (too large, undecodable, unsupported type):
     refuse it (502 response_not_redactable) or pass it unredacted (audited as such)."""
+    query_semicolons: Literal["refuse", "literal"] = "refuse"
+    """An unencoded ';' in the query: refused (400 ambiguous_query), as Rack, older Go and Python
+    split parameters on it and policy does not; ``literal`` only for an upstream that splits on
+    '&' alone (policy then sees ``a=1;b=2`` as ``a`` = ``1;b=2``, as that upstream does)."""
+    path_semicolons: Literal["refuse", "literal"] = "refuse"
+    """A ';' in a path segment, raw or percent-encoded: refused (400 ambiguous_path), as Tomcat,
+    Jetty and Spring strip ';parameters' (``/admin;x=1/users`` routes as ``/admin/users``);
+    ``literal`` only for an upstream that reads ';' as an ordinary character (policy then sees
+    the segment ``admin;x=1``)."""
 
     @field_validator("upstream")
     @classmethod
@@ -215,6 +224,10 @@ class ProxyConfig(_Section):
     enforce: bool | None = None
     fail_open: bool = False
     unredactable: Literal["refuse", "pass"] = "refuse"
+    query_semicolons: Literal["refuse", "literal"] = "refuse"
+    """As for a route (RouteConfig.query_semicolons), for every forward-proxy call."""
+    path_semicolons: Literal["refuse", "literal"] = "refuse"
+    """As for a route (RouteConfig.path_semicolons), for every forward-proxy call."""
     connection_idle_seconds: float = Field(default=300, gt=0)
     max_body_bytes: int = Field(default=64 << 20, ge=1 << 20)
     """Forward mode reads bodies whole before it judges them: larger requests are refused (413)

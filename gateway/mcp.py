@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import yarl
 
-from gateway.canonical import canonical_host, canonical_path, canonical_port
+from gateway.canonical import canonical_host, canonical_port
 from gateway.errors import CALL_ID_HEADER, BadRequest, GatewayError, UpstreamError, error_body
 from gateway.models import Call, Decision
 from gateway.policy.input import build_input
@@ -579,8 +579,8 @@ class ReplyHandler:
 
     def _input_document(self) -> dict[str, Any]:
         call, req = self.call, self.call.request
-        _, segments = canonical_path(req.path)
-        return build_input(call, port=canonical_port(req.scheme, req.port), segments=segments,
+        return build_input(call, port=canonical_port(req.scheme, req.port),
+                           segments=self.pipeline.path_segments(call),
                            inspect_limit=self.pipeline.cfg.policy.inspect_body_bytes)
 
     async def _usable(self, doc: dict[str, Any], listing: Listing, item: Any) -> bool:

@@ -27,8 +27,8 @@ from pydantic import ValidationError
 
 from gateway import mcp
 from gateway.approvals import Approvals
-from gateway.canonical import canonical_host, canonical_path, canonical_port
-from gateway.config import Config
+from gateway.canonical import canonical_host, canonical_path, canonical_port, check_query
+from gateway.config import Config, ProxyConfig, RouteConfig
 from gateway.errors import BadRequest, Forbidden, GatewayError, Unauthenticated
 from gateway.identity import IdentityError, JwtVerifier, extract_bearer
 from gateway.killswitch import KillSwitches
@@ -160,24 +160,32 @@ class Pipeline:
                 err.headers = {"WWW-Authenticate": f'Bearer realm="agentgate"{invalid}'}
             raise
 
+    def _front(self, call: Call) -> RouteConfig | ProxyConfig:
+        """The settings of the call's route, or the forward proxy's."""
+        route = call.request.route
+        return self.cfg.routes[route] if route is not None else self.cfg.proxy
+
     def _enforce_and_fail_open(self, call: Call) -> tuple[bool, bool]:
-        req = call.request
-        if req.route is not None:
-            route = self.cfg.routes[req.route]
-            enforce = route.enforce if route.enforce is not None else self.cfg.policy.enforce
-            return enforce, route.fail_open
-        proxy = self.cfg.proxy
-        enforce = proxy.enforce if proxy.enforce is not None else self.cfg.policy.enforce
-        return enforce, proxy.fail_open
+        front = self._front(call)
+        enforce = front.enforce if front.enforce is not None else self.cfg.policy.enforce
+        return enforce, front.fail_open
+
+    def path_segments(self, call: Call) -> list[str]:
+        """The decoded segments of the call's path, as policy sees them."""
+        literal = self._front(call).path_semicolons == "literal"
+        return canonical_path(call.request.path, literal_semicolons=literal)[1]
 
     def _canonicalise(self, call: Call) -> tuple[int | None, list[str]]:
         req = call.request
+        front = self._front(call)
         call.canonical_host = canonical_host(req.host)
         if req.connect_host is not None and canonical_host(req.connect_host) != call.canonical_host:
             raise BadRequest(
                 f"Host header {req.host!r} does not match the CONNECT target {req.connect_host!r}",
                 code="host_mismatch")
-        call.canonical_path, segments = canonical_path(req.path)
+        call.canonical_path, segments = canonical_path(
+            req.path, literal_semicolons=front.path_semicolons == "literal")
+        check_query(req.query, literal_semicolons=front.query_semicolons == "literal")
         for name, value in req.headers:
             if name.lower() in METHOD_OVERRIDE_HEADERS and value.strip().upper() != req.method:
                 raise BadRequest(f"{name}: {value.strip()[:20]!r} would make this {req.method} another method "
@@ -279,8 +287,7 @@ class Pipeline:
                            code="response_not_redactable", status=502, outcome="redaction_failed")
 
     def _unredactable_setting(self, call: Call) -> str:
-        route = call.request.route
-        return self.cfg.routes[route].unredactable if route is not None else self.cfg.proxy.unredactable
+        return self._front(call).unredactable
 
     def record_redaction(self, call: Call, report: RedactionReport) -> None:
         """Add a report (one body, or one stream's events) to the call's audited paths and counts."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.canonical import canonical_host, canonical_path, canonical_port, parse_query
+from gateway.canonical import canonical_host, canonical_path, canonical_port, check_query, parse_query
 from gateway.errors import BadRequest
 
 
@@ -118,11 +118,19 @@ def test_bad_ports_are_rejected(port: object) -> None:
         # Unreserved characters are decoded; other escapes are kept, in upper case.
         ("/%61dmin", "/admin", ["admin"]),
         ("/%41%7a%30%2D%2e%5F%7E", "/Az0-._~", ["Az0-._~"]),
-        ("/a%3fb%3Bc%20d", "/a%3Fb%3Bc%20d", ["a?b;c d"]),
+        ("/a%3fb%23c%20d", "/a%3Fb%23c%20d", ["a?b#c d"]),
         ("/caf%c3%a9", "/caf%C3%A9", ["café"]),
         ("/café", "/caf%C3%A9", ["café"]),
         ("/a b", "/a%20b", ["a b"]),
-        ("/a:b@c;d=e,f+g!$&'()*", "/a:b@c;d=e,f+g!$&'()*", ["a:b@c;d=e,f+g!$&'()*"]),
+        ("/a:b@c=d,e+f!$&'()*", "/a:b@c=d,e+f!$&'()*", ["a:b@c=d,e+f!$&'()*"]),
+        # Non-ASCII text is kept, NFKC-changing or not, unless it normalises to a separator or
+        # dot-segment (below); "。" (U+3002) is a dot only in host names (IDNA), not in paths.
+        ("/日本語/ページ", "/%E6%97%A5%E6%9C%AC%E8%AA%9E/%E3%83%9A%E3%83%BC%E3%82%B8", ["日本語", "ページ"]),
+        ("/ｆｕｌｌ/100％/½/a．b/．．x", "/%EF%BD%86%EF%BD%95%EF%BD%8C%EF%BD%8C/100%EF%BC%85/%C2%BD/a%EF%BC%8Eb/"
+         "%EF%BC%8E%EF%BC%8Ex", ["ｆｕｌｌ", "100％", "½", "a．b", "．．x"]),
+        ("/。。/x", "/%E3%80%82%E3%80%82/x", ["。。", "x"]),
+        ("/a；b", "/a%EF%BC%9Bb", ["a；b"]),  # parameters are stripped from the raw path, not the NFKC form
+        ("/a/b;c/../d", "/a/d", ["a", "d"]),  # the ';' segment is resolved away: not forwarded
         ("/100%25", "/100%25", ["100%"]),
         ("/v1/chat/completions", "/v1/chat/completions", ["v1", "chat", "completions"]),
     ],
@@ -155,6 +163,60 @@ def test_ambiguous_paths_are_rejected(raw: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        "/admin;x=1/users", "/admin;/users", "/api/v1;jsessionid=ABC", "/;x/admin", "/x/admin;",
+        "/admin%3Bx=1/users", "/admin%3bx=1/users", "/admin%253Bx=1/users",  # decoded before stripping
+    ],
+)
+def test_path_parameters_are_rejected(raw: str) -> None:
+    """Tomcat, Jetty and Spring strip ';params': /admin;x=1/users is /admin/users to them."""
+    err = _rejects(canonical_path, raw, "ambiguous_path")
+    assert "';' in segment" in err.message
+
+
+def test_literal_semicolons_keep_path_parameters_as_text() -> None:
+    """For an upstream that reads ';' as an ordinary character: the segment as it reads it."""
+    assert canonical_path("/admin;x=1/users", literal_semicolons=True) == \
+        ("/admin;x=1/users", ["admin;x=1", "users"])
+    assert canonical_path("/a%3bb", literal_semicolons=True) == ("/a%3Bb", ["a;b"])
+    for raw in ("/api/..;/admin", "/api/．．;x/admin"):  # a dot-segment stays refused
+        with pytest.raises(BadRequest, match="normalises|dot-segment"):
+            canonical_path(raw, literal_semicolons=True)
+    _rejects(canonical_path, "/admin;x=1/users", "ambiguous_path")  # the memo serves both settings
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/api/．．/admin", "/api/%EF%BC%8E%EF%BC%8E/admin", "/api/%ef%bc%8e./admin", "/．/admin",
+        "/api/‥/admin", "/api/…/admin", "/api/﹒﹒/admin", "/api/︰/admin",  # U+2025, U+2026, U+FE52, U+FE30
+        "/api/．．；x/admin", "/api/．． /admin", "/api/..\u00a0/admin", "/api/．．\u3000/admin",
+        "/api/a／b", "/api/a%EF%BC%8Fb", "/api/a＼b", "/api/a﹨b", "/api/℅",  # "／" "＼" "﹨", "c/o"
+        "/api/％２Ｅ％２Ｅ/admin", "/api/％２ｆ", "/api/%EF%BC%85%EF%BC%95%EF%BC%A3",  # "%2E%2E", "%2f", "%5C"
+        "/api/％００",
+        "/api/%25EF%25BC%258E%25EF%25BC%258E/admin",  # double-encoded "．．"
+    ],
+)
+def test_unicode_that_normalises_to_a_dot_segment_or_separator_is_rejected(raw: str) -> None:
+    """IIS/.NET and some Java and Python frameworks apply NFKC: "．．" is ".." there."""
+    err = _rejects(canonical_path, raw, "ambiguous_path")
+    assert "NFKC" in err.message
+
+
+def test_ascii_segments_never_pay_for_unicode_normalisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import canonical as c
+
+    class NoUnicode:
+        def __getattr__(self, name: str) -> None:
+            raise AssertionError(f"unicodedata.{name} called on an ASCII path")
+
+    monkeypatch.setattr(c, "unicodedata", NoUnicode())
+    assert c._canonical_path("/v1/chat/%63ompletions/a%20b/%2e/") == \
+        ("/v1/chat/completions/a%20b/", ("v1", "chat", "completions", "a b"), None)
+
+
+@pytest.mark.parametrize(
     "raw", ["", "*", "admin", "api/x", "http://example.com/x", "/a%", "/a%2", "/a%zz", "/a%g0",
             "/a\x00b", "/a\tb", "/a\x7fb", "/%ff", "/a/%c3",
             "/a\udcffb",  # an undecodable byte passed on as a surrogate escape
@@ -181,6 +243,19 @@ def test_parse_query() -> None:
     assert parse_query("a=1;b=2") == {"a": ["1;b=2"]}  # only "&" separates, as in Go
 
 
+@pytest.mark.parametrize("qs", ["a=1;b=2", ";", "a=1&b=2;c", "q=select;drop", "a;b"])
+def test_semicolon_in_query_is_refused(qs: str) -> None:
+    """Rack, older Go and Python split on ';' as well as '&': a=1;b=2 is two parameters there."""
+    err = _rejects(check_query, qs, "ambiguous_query")
+    assert "%3B" in err.message
+    check_query(qs, literal_semicolons=True)  # an upstream that splits on '&' alone
+
+
+@pytest.mark.parametrize("qs", ["", "a=1&b=2", "a=1%3Bb=2", "a=%3b", "k=v%253B"])
+def test_query_without_a_raw_semicolon_passes(qs: str) -> None:
+    check_query(qs)
+
+
 def test_parse_query_refuses_non_utf8() -> None:
     _rejects(parse_query, "a=%ff", "invalid_query")
     _rejects(parse_query, "a=1\r\nb=2", "invalid_query")
@@ -198,6 +273,8 @@ def test_memoised_answers_are_the_computed_ones_and_private() -> None:
     for _ in range(2):
         with pytest.raises(BadRequest):
             canonical_path("/a/%2F/b")
+        with pytest.raises(BadRequest):
+            canonical_path("/a/．．/b")
         with pytest.raises(BadRequest):
             canonical_host("a b")
     long = "/" + "x" * (c._MEMO_MAX_LEN + 10)

@@ -222,6 +222,46 @@ def test_second_host_header_inside_tunnel_is_refused(gw: Gateway, keys: Keys, ho
         f"status {status}, call id {headers.get(CALL_ID)}: {resp[:200]!r}"
 
 
+# 8b. Spellings an upstream reads differently from policy (';' path parameters and query
+#     separators, Unicode that NFKC-normalises to a dot-segment or separator): a JSON 400, audited,
+#     never forwarded; in plain HTTP and inside a tunnel alike.
+AMBIGUOUS = [
+    ("/admin;x=1/users", "ambiguous_path"),
+    ("/files/a%3Bx=1/b", "ambiguous_path"),
+    ("/files/%EF%BC%8E%EF%BC%8E/admin", "ambiguous_path"),
+    ("/files/a%EF%BC%8Fb", "ambiguous_path"),
+    ("/tickets?status=open;admin=1", "ambiguous_query"),
+]
+
+
+def _assert_refused_and_audited(gw: Gateway, up: Upstream, seen_before: int, code: str,
+                                status: int, headers: dict[str, str], resp: bytes) -> None:
+    assert status == 400 and resp.startswith(b"{"), (status, resp[:200])
+    err = json.loads(resp)["error"]
+    assert err["code"] == code and err["call_id"] == headers[CALL_ID], err
+    assert len(up.seen) == seen_before, "a refused request reached the upstream"
+    row = gw.audit_row(err["call_id"])
+    assert (row["mode"], row["status"], row["outcome"], row["error_code"]) == ("forward", 400, "rejected", code)
+
+
+@pytest.mark.parametrize(("target", "code"), AMBIGUOUS)
+def test_ambiguous_spellings_are_refused_plain_http(gw: Gateway, keys: Keys, upstream: Upstream,
+                                                    target: str, code: str) -> None:
+    token, before = keys.token("spelling-bot", roles=["reader"]), len(upstream.seen)
+    status, headers, resp = through_proxy(gw, f"GET http://127.0.0.1:{upstream.port}{target} HTTP/1.1\r\n"
+                                              f"Host: 127.0.0.1:{upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n".encode())
+    _assert_refused_and_audited(gw, upstream, before, code, status, headers, resp)
+
+
+@pytest.mark.parametrize(("target", "code"), AMBIGUOUS)
+def test_ambiguous_spellings_are_refused_in_tunnel(gw: Gateway, keys: Keys, tls_upstream: Upstream,
+                                                   target: str, code: str) -> None:
+    token, before = keys.token("spelling-bot", roles=["reader"]), len(tls_upstream.seen)
+    status, headers, resp = in_tunnel(gw, f"127.0.0.1:{tls_upstream.port}", token,
+                                      f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{tls_upstream.port}\r\n\r\n".encode())
+    _assert_refused_and_audited(gw, tls_upstream, before, code, status, headers, resp)
+
+
 # 9. A response that must be redacted but is too large to redact: the agent should get the
 #    promised JSON error (502 response_not_redactable), not a dropped connection.
 def test_too_large_to_redact_gets_json_error(gw: Gateway, keys: Keys, pii_big_upstream: Upstream) -> None:

@@ -214,6 +214,25 @@ def test_ambiguous_paths_are_refused(gw: Gateway, keys: Keys, path: str) -> None
     assert gw.audit_row(resp.headers[CALL_ID])["outcome"] == "rejected"
 
 
+@pytest.mark.parametrize(("target", "code"), [
+    ("/admin;x=1/users", "ambiguous_path"),  # Tomcat/Spring/Jetty: /admin/users
+    ("/files/a%3Bx=1/b", "ambiguous_path"),  # a decoding hop makes it a raw ';'
+    ("/files/%EF%BC%8E%EF%BC%8E/admin", "ambiguous_path"),  # "．．": ".." after NFKC
+    ("/files/a%EF%BC%8Fb", "ambiguous_path"),  # "／": "/" after NFKC
+    ("/files/%EF%BC%85%EF%BC%92%EF%BC%A5%EF%BC%85%EF%BC%92%EF%BC%A5/admin", "ambiguous_path"),  # "％２Ｅ％２Ｅ"
+    ("/tickets?status=open;admin=1", "ambiguous_query"),  # two parameters for Rack and older Go/Python
+])
+def test_spellings_read_differently_upstream_are_refused(gw: Gateway, keys: Keys, upstream: Upstream,
+                                                         target: str, code: str) -> None:
+    before = len(upstream.seen)
+    resp = http("GET", gw.route_url("plain", target), headers=auth(keys))
+    err = assert_error(resp, 400, code)
+    assert len(upstream.seen) == before
+    row = gw.audit_row(err["call_id"])
+    assert (row["status"], row["outcome"], row["error_code"]) == (400, "rejected", code)
+    assert row["reasons"] == [err["message"]]
+
+
 def test_canonical_path_is_what_upstream_gets(gw: Gateway, keys: Keys) -> None:
     resp = http("GET", gw.route_url("plain", "/a//b/./c/%7Euser"), headers=auth(keys))
     assert resp.status == 200
