@@ -20,6 +20,8 @@ from bench import procs
 
 ISSUER = "agentgate-bench"
 AUDIENCE = "agentgate"
+ADMIN_AUDIENCE = "agentgate-admin"
+"""The default identity.admin_audience: admin API tokens are for it, agent tokens never."""
 ROUTE = "demo"
 """The example bundle maps route ``demo`` (and host 127.0.0.1) to the system ``demo``."""
 BULK_ROUTE, BULK_REDACT_ROUTE = "bulk", "bulk-redact"
@@ -53,10 +55,11 @@ class Keys:
         public_file.write_bytes(pub)
         return cls(priv, public_file)
 
-    def token(self, agent: str, roles: list[str], team: str | None = None, ttl: int = 4 * 3600) -> str:
+    def token(self, agent: str, roles: list[str], team: str | None = None, ttl: int = 4 * 3600,
+              audience: str = AUDIENCE) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {"sub": agent, "iat": now, "exp": now + ttl, "iss": ISSUER,
-                                  "aud": AUDIENCE, "roles": roles}
+                                  "aud": audience, "roles": roles}
         if team:
             claims["team"] = team
         return jwt.encode(claims, self.private_pem, algorithm="EdDSA")
@@ -140,4 +143,5 @@ def start_gateway(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca:
         procs.pin_process(store_pid, store_cpus)
     return GatewayProcess(child=child, data_dir=Path(doc["data_dir"]), proxy=parts["proxy"],
                           routes=parts["routes"], admin=parts["admin"],
-                          admin_token=keys.token("bench-responder", ["responder"]), store_pid=store_pid)
+                          admin_token=keys.token("bench-responder", ["responder"], audience=ADMIN_AUDIENCE),
+                          store_pid=store_pid)

@@ -1,7 +1,8 @@
 """Admin API (aiohttp, its own port): health, readiness, metrics and read-only audit SQL.
 
-Admin callers present a JWT verified by the same identity code as agents; the roles claim
-decides what they may do.
+Admin callers present a JWT verified by the same identity code as agents, but for its own
+audience (``identity.admin_audience``): an agent's token is refused here whatever roles it
+claims. The roles claim of an admin token decides what its holder may do.
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ def admin_open(args: argparse.Namespace, path: str, payload: dict[str, Any] | No
             message = f"{err['code']}: {err['message']}"
         except (ValueError, KeyError, TypeError):
             message = f"HTTP {exc.code}"
+        else:
+            if err["code"] == "wrong_audience":  # most likely an agent token
+                message += (" (the admin API takes admin tokens only, for identity.admin_audience; "
+                            "with the dev key: agentgate token mint --admin ...)")
         raise SystemExit(f"agentgate: admin API refused: {message}") from None
     except urllib.error.URLError as exc:
         raise SystemExit(f"agentgate: cannot reach the admin API at {base}: {exc.reason}") from None

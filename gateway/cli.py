@@ -46,9 +46,15 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     if "EdDSA" not in cfg.identity.algorithms:
         raise ConfigError("token mint makes EdDSA tokens, but identity.algorithms does not allow EdDSA")
     roles = [r.strip() for r in (args.roles or "").split(",") if r.strip()]
+    ttl = parse_ttl(args.ttl)
+    if ttl > cfg.identity.max_token_lifetime_seconds:
+        raise ConfigError(f"--ttl {args.ttl} is longer than identity.max_token_lifetime_seconds "
+                          f"({cfg.identity.max_token_lifetime_seconds} s): the gateway would refuse the token")
+    # An admin token is for the admin API's audience only; an agent token never carries it.
+    audience = cfg.identity.admin_audience if args.admin else cfg.identity.audience
     token = mint_token(
         ensure_dev_key(cfg.dev_key_path), agent=args.agent, team=args.team, roles=roles,
-        ttl_seconds=parse_ttl(args.ttl), issuer=cfg.identity.issuer, audience=cfg.identity.audience,
+        ttl_seconds=ttl, issuer=cfg.identity.issuer, audience=audience,
         team_claim=cfg.identity.team_claim, roles_claim=cfg.identity.roles_claim)
     print(token)
     return 0
@@ -225,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--agent", required=True, help="agent id (the sub claim)")
     mint.add_argument("--team")
     mint.add_argument("--roles", help="comma-separated roles")
-    mint.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h, 2d (default 1h)")
+    mint.add_argument("--ttl", default="1h",
+                      help="lifetime, e.g. 30m, 1h, 2d (default 1h; at most identity.max_token_lifetime_seconds)")
+    mint.add_argument("--admin", action="store_true",
+                      help="an admin API token (audience identity.admin_audience), not an agent token")
     mint.set_defaults(func=cmd_token_mint)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)

@@ -64,7 +64,18 @@ class IdentityConfig(_Section):
     algorithms: list[Algorithm] = Field(default_factory=lambda: ["EdDSA"], min_length=1)
     issuer: str | None = None
     audience: str | None = None
+    """Agent tokens' audience (``aud``), checked when set."""
+    admin_audience: str = Field(default="agentgate-admin", min_length=1)
+    """The audience the admin API requires, whatever ``audience`` says (RFC 9068, RFC 8707: a token
+    is for one resource). Agent front ends refuse any token carrying it, so an agent token never
+    reaches the admin API, whatever roles it claims (roles are policy data too), and an admin
+    token never acts as an agent."""
     leeway_seconds: float = Field(default=30, ge=0, le=3600)
+    max_token_lifetime_seconds: int = Field(default=86_400, gt=0)
+    """Longest accepted lifetime: ``exp - iat``, or without ``iat`` ``exp - now`` (plus the leeway,
+    as the issuer's clock may run ahead of ours). There is no "unlimited": a token that leaks must
+    still expire soon; an identity provider issuing longer-lived tokens needs a larger number, set
+    on purpose."""
     team_claim: str = "team"
     roles_claim: str = "roles"
     hmac_secret_env: str | None = None
@@ -78,6 +89,14 @@ class IdentityConfig(_Section):
     """Generate an Ed25519 key in the data dir on first run, trust it, and let `token mint` use it."""
     registry_file: Path | None = None
     require_registered_agents: bool = False
+
+    @model_validator(mode="after")
+    def _distinct_audiences(self) -> "IdentityConfig":
+        # After validation, so that the default admin_audience is compared too.
+        if self.admin_audience == self.audience:
+            raise ValueError(f"identity.admin_audience and identity.audience are both {self.audience!r}: "
+                             "they must differ, or agent tokens would be admin tokens")
+        return self
 
 
 class PolicyConfig(_Section):

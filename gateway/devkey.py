@@ -97,7 +97,8 @@ def mint_token(
     roles_claim: str = "roles",
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """Sign an EdDSA agent token with ``sub``, ``iat``, ``nbf``, ``exp`` and ``jti`` set."""
+    """Sign an EdDSA token with ``sub``, ``iat``, ``nbf``, ``exp`` and ``jti`` set. An admin token
+    is one whose ``audience`` is the gateway's ``identity.admin_audience``."""
     if not agent:
         raise ValueError("agent id must not be empty")
     if ttl_seconds <= 0:

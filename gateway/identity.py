@@ -6,10 +6,13 @@ Security rules (RFC 8725):
 * keys are chosen by algorithm *family*: HS* only ever uses the configured HMAC secret, RS*/PS*
   only RSA public keys, ES* only EC keys of the matching curve, EdDSA only Ed25519/Ed448 keys,
   so a public key can never be abused as an HMAC secret;
-* ``sub`` and ``exp`` are required; ``iss``/``aud`` are checked when configured.
+* ``sub`` and ``exp`` are required; ``iss``/``aud`` are checked when configured; a lifetime
+  longer than ``max_token_lifetime_seconds`` is refused;
+* admin tokens are for their own audience (``admin_audience``, RFC 9068 / RFC 8707): the admin
+  API requires it and agent verification refuses it, so neither kind of token passes for the other.
 
 This runs for every request, so successful verifications are cached (bounded LRU keyed by a
-digest of the token) and ``exp`` is re-checked on every hit. JWKS keys are fetched with aiohttp,
+digest of the token and the audience it was verified for) and ``exp`` is re-checked on every hit. JWKS keys are fetched with aiohttp,
 cached, and refreshed when a token names an unknown ``kid`` (rate-limited).
 """
 
@@ -63,6 +66,7 @@ TOKEN_EXPIRED = "token_expired"
 TOKEN_NOT_YET_VALID = "token_not_yet_valid"
 WRONG_ISSUER = "wrong_issuer"
 WRONG_AUDIENCE = "wrong_audience"
+TOKEN_LIFETIME_TOO_LONG = "token_lifetime_too_long"
 MISSING_CLAIM = "missing_claim"
 UNKNOWN_KEY = "unknown_key"
 UNREGISTERED_AGENT = "unregistered_agent"
@@ -284,6 +288,18 @@ def _number(claims: dict[str, Any], name: str) -> float | None:
     return float(value)
 
 
+def _audiences(claims: dict[str, Any]) -> tuple[str, ...]:
+    """``aud`` as a tuple (RFC 7519: a string or an array of strings); anything else is refused."""
+    value = claims.get("aud")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise IdentityError("token audience ('aud') must be a string or a list of strings", code=WRONG_AUDIENCE)
+
+
 def _roles(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -356,7 +372,7 @@ class JwtVerifier:
             "verify_signature": True,
             "verify_exp": False, "verify_nbf": False, "verify_iat": False,  # checked on our clock
             "verify_iss": cfg.issuer is not None,
-            "verify_aud": cfg.audience is not None,
+            "verify_aud": False,  # checked by _check_audience: agent and admin tokens differ
             "verify_sub": True, "verify_jti": True,
             "require": [],
             "enforce_minimum_key_length": True,
@@ -404,7 +420,8 @@ class JwtVerifier:
     async def verify(self, token: str, *, agent: bool = True) -> Identity:
         """The verified identity behind ``token``, or IdentityError/UnregisteredAgent.
 
-        ``agent=False`` is for admin callers (people), who are not in the agent registry.
+        ``agent=False`` is for admin API callers (people): the token must be for
+        ``admin_audience``, and they are not in the agent registry. Agent tokens must not be.
         """
         if not token:
             raise IdentityError("no agent token presented", code=MISSING_TOKEN)
@@ -414,6 +431,8 @@ class JwtVerifier:
             await self._jwks_keep_fresh()
 
         digest = hashlib.sha256(token.encode()).digest()
+        if not agent:  # an entry says "verified for this audience": admin and agent entries never mix
+            digest = b"admin:" + digest
         hit = self._cache.get(digest)
         if hit is not None:
             identity, exp = hit
@@ -429,6 +448,8 @@ class JwtVerifier:
         self.stats["cache_misses"] += 1
         generation = self._generation
         claims = await self._verify_signature_and_claims(token)
+        self._check_audience(claims, admin=not agent)
+        self._check_times(claims)
         identity = self._identity(claims)
         if generation == self._generation:
             self._cache[digest] = (identity, identity.expires_at or 0.0)
@@ -514,13 +535,12 @@ class JwtVerifier:
         try:
             claims: dict[str, Any] = _JWT.decode(
                 token, key, algorithms=[alg], options=self._options,  # type: ignore[arg-type]
-                issuer=self.cfg.issuer, audience=self.cfg.audience,
+                issuer=self.cfg.issuer,
             )
         except jwt.InvalidSignatureError:
             return None
         except jwt.PyJWTError as exc:
             raise _map_jwt_error(exc) from None
-        self._check_times(claims)
         return claims
 
     def _check_times(self, claims: dict[str, Any]) -> None:
@@ -536,6 +556,32 @@ class JwtVerifier:
             raise IdentityError("token has expired", code=TOKEN_EXPIRED)
         if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):
             raise IdentityError("token is not yet valid", code=TOKEN_NOT_YET_VALID)
+        # exp - iat are both the issuer's clock: no skew to allow for. Without iat, exp is measured
+        # from our clock, which may be behind the issuer's by up to the leeway.
+        limit = self.cfg.max_token_lifetime_seconds
+        lifetime = exp - iat if iat is not None else exp - now - leeway
+        if lifetime > limit:
+            raise IdentityError(f"token lifetime exceeds the maximum of {limit} seconds "
+                                "(identity.max_token_lifetime_seconds)", code=TOKEN_LIFETIME_TOO_LONG)
+
+    def _check_audience(self, claims: dict[str, Any], *, admin: bool) -> None:
+        """Admin tokens must name ``admin_audience``; agent tokens must not, and must name
+        ``audience`` when it is configured."""
+        audiences = _audiences(claims)
+        admin_audience = self.cfg.admin_audience
+        if admin:
+            if admin_audience not in audiences:
+                raise IdentityError(f"admin API tokens must have the audience {admin_audience!r}",
+                                    code=WRONG_AUDIENCE)
+            return
+        if admin_audience in audiences:
+            raise IdentityError(f"admin tokens (audience {admin_audience!r}) are not accepted as agent tokens",
+                                code=WRONG_AUDIENCE)
+        if self.cfg.audience is not None:
+            if not audiences:
+                raise IdentityError("token has no audience ('aud')", code=WRONG_AUDIENCE)
+            if self.cfg.audience not in audiences:
+                raise IdentityError("token audience is not accepted", code=WRONG_AUDIENCE)
 
     def _identity(self, claims: dict[str, Any]) -> Identity:
         team = claims.get(self.cfg.team_claim)

@@ -43,6 +43,8 @@ class Keys:
     hmac_secret: str = "test-hmac-secret-that-is-long-enough-for-hs512-0123456789abcdefghijkl"
     issuer: str = "https://issuer.test"
     audience: str = "agentgate"
+    admin_audience: str = "agentgate-admin"
+    """The default identity.admin_audience: the test gateways do not set it."""
 
     @property
     def ed_public_file(self) -> Path:
@@ -67,6 +69,11 @@ class Keys:
         payload = {k: v for k, v in payload.items() if v is not None}
         key: Any = {"EdDSA": self.ed_private, "RS256": self.rsa_private, "HS256": self.hmac_secret}[alg]
         return jwt.encode(payload, key, algorithm=alg)
+
+    def admin_token(self, actor: str = "admin-1", *, roles: list[str], team: str | None = None,
+                    **kw: Any) -> str:
+        """A token for the admin API: the admin audience instead of the agents' one."""
+        return self.token(actor, roles=roles, team=team, aud=self.admin_audience, **kw)
 
 
 def _pem_pair(private_key: Any) -> tuple[bytes, bytes]:
@@ -353,7 +360,7 @@ def start_gateway(tmp: Path, keys: Keys, overrides: dict[str, Any] | None = None
     parts = dict(p.split("=", 1) for p in line.split(":", 1)[1].split())
     return Gateway(proc=proc, config=config, data_dir=Path(doc["data_dir"]), proxy=parts["proxy"],
                    routes=parts["routes"], admin=parts["admin"],
-                   admin_token=keys.token("responder-1", roles=["responder"], team=None), log=log)
+                   admin_token=keys.admin_token("responder-1", roles=["responder"]), log=log)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Admin API end to end: health, readiness, metrics and role-checked read-only audit SQL."""
+"""Admin API end to end: health, readiness, metrics, role-checked read-only audit SQL, and admin
+tokens that are for the admin API only."""
 
 from __future__ import annotations
 
@@ -45,11 +46,47 @@ def test_metrics_count_outcomes_and_decisions(gw: Gateway, keys: Keys) -> None:
 def test_audit_sql_requires_responder_or_admin(gw: Gateway, keys: Keys) -> None:
     status, body = sql(gw, None, {"sql": "SELECT 1"})
     assert (status, body["error"]["code"]) == (401, "missing_token")
-    status, body = sql(gw, keys.token("op", roles=["operator"]), {"sql": "SELECT 1"})
+    status, body = sql(gw, keys.admin_token("op", roles=["operator"]), {"sql": "SELECT 1"})
     assert (status, body["error"]["code"]) == (403, "forbidden_role")
     for role in ("responder", "admin"):
-        status, body = sql(gw, keys.token("r", roles=[role]), {"sql": "SELECT 1 AS one"})
+        status, body = sql(gw, keys.admin_token("r", roles=[role]), {"sql": "SELECT 1 AS one"})
         assert status == 200 and body["columns"] == ["one"] and body["rows"] == [[1]]
+
+
+def test_agent_tokens_have_no_admin_powers(gw: Gateway, keys: Keys) -> None:
+    """Found by review: the admin API took agent tokens, so an agent whose roles claim named an
+    admin role (roles are policy data too) could flip kill-switches, approve and read the audit.
+    Admin tokens are for their own audience (identity.admin_audience); refusals are recorded."""
+    agent = keys.token("sneaky-bot", roles=["reader", "admin", "operator", "approver", "responder"])
+    attempts = [("POST", "/v1/killswitches", {"scope": "all", "reason": "takeover"}, "killswitch.create"),
+                ("GET", "/v1/killswitches?all=1", None, "killswitch.list"),
+                ("GET", "/v1/approvals", None, "approval.list"),
+                ("POST", "/v1/approvals/apr_0123456789abcdef/approve", {"reason": "mine"}, "approval.approve"),
+                ("POST", "/v1/audit/sql", {"sql": "SELECT 1"}, "audit.sql"),
+                ("GET", "/v1/audit/denied?since=1h", None, "audit.denied")]
+    for method, path, body, _ in attempts:
+        resp = gw.call_admin(method, path, agent, body)
+        assert resp.status == 401, (path, resp.status, resp.body[:200])
+        err = resp.json()["error"]
+        assert err["code"] == "wrong_audience" and "'agentgate-admin'" in err["message"], (path, err)
+    assert http("GET", gw.route_url("plain", "/ok"), headers={"Authorization": f"Bearer {agent}"}).status == 200
+    operator = keys.admin_token("op-check", roles=["operator"])
+    assert gw.call_admin("GET", "/v1/killswitches?all=1", operator).json() == {"killswitches": []}
+    rows = gw.sql("SELECT action, actor, result FROM agentgate.admin_events WHERE detail = 'wrong_audience'")
+    assert sorted((r["action"], r["actor"], r["result"]) for r in rows) == sorted(
+        (action, "", "unauthenticated") for *_, action in attempts)
+
+
+def test_admin_tokens_have_a_maximum_lifetime(gw: Gateway, keys: Keys) -> None:
+    """Found by review: a token valid for a century was accepted."""
+    forever = keys.admin_token("old-timer", roles=["responder"], ttl=100 * 365 * 86400)
+    status, body = sql(gw, forever, {"sql": "SELECT 1"})
+    assert (status, body["error"]["code"]) == (401, "token_lifetime_too_long")
+    assert "86400 seconds" in body["error"]["message"]
+    day = keys.admin_token("day-shift", roles=["responder"], ttl=86400)
+    assert sql(gw, day, {"sql": "SELECT 1 AS one"})[0] == 200
+    rows = gw.sql("SELECT action, result FROM agentgate.admin_events WHERE detail = 'token_lifetime_too_long'")
+    assert rows == [{"action": "audit.sql", "result": "unauthenticated"}]
 
 
 @pytest.mark.parametrize("statement", [

@@ -24,7 +24,7 @@ def gw(gateway_factory, upstream: Upstream) -> Gateway:
     "WITH (SELECT 1) AS x SELECT * FROM executable('cat {secret}', 'LineAsString', 'l String')",
 ])
 def test_table_functions_are_refused(gw: Gateway, keys: Keys, sql: str) -> None:
-    responder = keys.token("resp", roles=["responder"], team=None)
+    responder = keys.admin_token("resp", roles=["responder"])
     r = gw.call_admin("POST", "/v1/audit/sql", responder, {"sql": sql.format(secret=keys.hmac_file)})
     assert r.status == 400 and r.json()["error"]["code"] == "query_not_allowed", r.body[:300]
     assert keys.hmac_file.read_text().strip()[:12] not in r.body.decode()
@@ -38,7 +38,7 @@ def test_no_request_leaves_the_gateway(gw: Gateway, upstream: Upstream) -> None:
 
 
 def test_failed_queries_are_recorded(gw: Gateway, keys: Keys) -> None:
-    prober = keys.token("prober", roles=["responder"], team=None)
+    prober = keys.admin_token("prober", roles=["responder"])
     r = gw.call_admin("POST", "/v1/audit/sql", prober, {"sql": "SELECT * FROM agentgate.probe_marker_1234"})
     assert r.status == 400 and r.json()["error"]["code"] == "query_error"
     rows = gw.sql("SELECT action, result FROM agentgate.admin_events "
@@ -58,7 +58,7 @@ def test_refused_killswitch_requests_are_recorded(gw: Gateway, keys: Keys) -> No
     anonymous = http("POST", f"http://{gw.admin}/v1/killswitches", headers={"Content-Type": "application/json"},
                      body=b"not json")
     assert anonymous.status == 401  # who asks is checked before the body is read
-    op = keys.token("op-refused", roles=["operator"], team=None)
+    op = keys.admin_token("op-refused", roles=["operator"])
     assert gw.call_admin("POST", "/v1/killswitches", op, {"scope": "planet", "target": "x", "reason": "r"}).status == 400
     assert gw.call_admin("DELETE", "/v1/killswitches/ks_doesnotexist", op).status == 404
     rows = gw.sql("SELECT actor, action, result, target FROM agentgate.admin_events "
@@ -72,7 +72,7 @@ def test_refused_killswitch_requests_are_recorded(gw: Gateway, keys: Keys) -> No
 
 # Reads of approvals (previews of held calls) and kill-switches are recorded too.
 def test_reads_are_recorded(gw: Gateway, keys: Keys) -> None:
-    reader = keys.token("reader-ops", roles=["operator", "approver"], team=None)
+    reader = keys.admin_token("reader-ops", roles=["operator", "approver"])
     assert gw.call_admin("GET", "/v1/killswitches?all=1", reader).status == 200
     assert gw.call_admin("GET", "/v1/approvals?state=pending", reader).status == 200
     assert gw.call_admin("GET", "/v1/approvals/ap_nope", reader).status == 404

@@ -31,17 +31,19 @@ def gw(gateway_factory, upstream: Upstream, tmp_path_factory) -> Gateway:
 
 @pytest.fixture(scope="module")
 def lead(keys: Keys) -> str:
-    return keys.token("lead-bob", roles=["approver", "support-lead"], team=None)
+    return keys.admin_token("lead-bob", roles=["approver", "support-lead"])
 
 
 def test_agent_approves_its_own_call(gw: Gateway, keys: Keys, upstream: Upstream) -> None:
-    """The requesting agent's own identity may decide its own approval (no actor == agent check)."""
+    """The requesting agent's own identity may decide its own approval (no actor == agent check).
+    Its agent token cannot reach the admin API at all; an admin token with its subject tries."""
     body = b'{"order": "self", "amount": 999}'
     me = keys.token("ops-bot", roles=["writer", "approver", "support-lead"])
     first = refund(gw, me, body)
     assert first.status == 403 and first.json()["error"]["code"] == "approval_pending"
     approval_id = first.headers[APPROVAL_ID]
-    decided = gw.call_admin("POST", f"/v1/approvals/{approval_id}/approve", me, {"reason": "I approve myself"})
+    me_admin = keys.admin_token("ops-bot", roles=["approver", "support-lead"])
+    decided = gw.call_admin("POST", f"/v1/approvals/{approval_id}/approve", me_admin, {"reason": "I approve myself"})
     retry = refund(gw, me, body)
     assert decided.status == 403, f"ops-bot approved its own call: {decided.status} {decided.body[:200]!r}; retry {retry.status}"
 
@@ -50,7 +52,7 @@ def test_owner_check_is_case_sensitive_on_email(gw: Gateway, keys: Keys) -> None
     body = b'{"order": "owner", "amount": 5}'
     first = refund(gw, keys.token("refund-bot", roles=["writer"]), body)
     approval_id = first.headers[APPROVAL_ID]
-    owner = keys.token("alice", roles=["approver", "support-lead"], team=None, email="lead-alice@example.com")
+    owner = keys.admin_token("alice", roles=["approver", "support-lead"], email="lead-alice@example.com")
     decided = gw.call_admin("POST", f"/v1/approvals/{approval_id}/approve", owner, {"reason": "mine"})
     assert decided.status == 403, f"registry owner approved own agent's call (email case differs): {decided.status}"
 
@@ -58,7 +60,7 @@ def test_owner_check_is_case_sensitive_on_email(gw: Gateway, keys: Keys) -> None
 def test_approved_approval_survives_kill_switch(gw: Gateway, keys: Keys, lead: str, upstream: Upstream) -> None:
     """README: a killed agent's held approvals end as denied. An approved-but-unused one is kept and
     honoured after the agent is revived."""
-    operator = keys.token("oncall", roles=["operator"], team=None)
+    operator = keys.admin_token("oncall", roles=["operator"])
     body = b'{"order": "kill", "amount": 77}'
     bot = keys.token("refund-bot", roles=["writer"])
     first = refund(gw, bot, body)

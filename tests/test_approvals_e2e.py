@@ -40,7 +40,7 @@ def wait_for_pending(gw: Gateway, token: str, count: int = 1) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def lead(keys: Keys) -> str:
-    return keys.token("lead-bob", roles=["support-lead", "approver"], team=None)
+    return keys.admin_token("lead-bob", roles=["support-lead", "approver"])
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +109,14 @@ def test_approver_rules(gw: Gateway, keys: Keys, lead: str) -> None:
         held = pool.submit(refund, gw, keys, b'{"order": "7", "amount": 1}')
         (approval,) = wait_for_pending(gw, lead)
         url = f"/v1/approvals/{approval['id']}/approve"
-        operator = gw.call_admin("POST", url, keys.token("op", roles=["operator"]), {"reason": "x"})
+        operator = gw.call_admin("POST", url, keys.admin_token("op", roles=["operator"]), {"reason": "x"})
         assert operator.status == 403 and operator.json()["error"]["code"] == "forbidden_role"
-        wrong_role = gw.call_admin("POST", url, keys.token("sales-lead", roles=["approver", "sales-lead"]), {"reason": "x"})
+        wrong_role = gw.call_admin("POST", url, keys.admin_token("sales-lead", roles=["approver", "sales-lead"]), {"reason": "x"})
         assert wrong_role.status == 403 and wrong_role.json()["error"]["code"] == "forbidden_role"
-        owner = gw.call_admin("POST", url, keys.token("lead-alice", roles=["approver", "support-lead"]), {"reason": "mine"})
+        owner = gw.call_admin("POST", url, keys.admin_token("lead-alice", roles=["approver", "support-lead"]), {"reason": "mine"})
         assert owner.status == 403 and owner.json()["error"]["code"] == "self_approval"
-        other_team = gw.call_admin("POST", url, keys.token("lead-carol", roles=["approver", "support-lead"],
-                                                           approver_teams=["sales"]), {"reason": "x"})
+        other_team = gw.call_admin("POST", url, keys.admin_token("lead-carol", roles=["approver", "support-lead"],
+                                                                 approver_teams=["sales"]), {"reason": "x"})
         assert other_team.status == 403 and other_team.json()["error"]["code"] == "team_not_allowed"
         assert gw.call_admin("POST", url, lead, {"reason": "ok"}).status == 200
         assert held.result(timeout=30).status == 200

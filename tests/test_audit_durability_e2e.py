@@ -130,7 +130,7 @@ def test_audit_verify_detects_deleted_and_altered_rows(gateway_factory, keys: Ke
     gw = gateway_factory({"audit": {"dsn": clickhouse.dsn}, "routes": {"plain": {"upstream": upstream.url}}},
                          name="verify")
     ids = [get(gw, keys, f"/v/{i}").headers[CALL_ID] for i in range(6)]
-    responder = keys.token("auditor", roles=["responder"])
+    responder = keys.admin_token("auditor", roles=["responder"])
 
     def verify() -> subprocess.CompletedProcess[str]:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("AGENTGATE_")}, "AGENTGATE_TOKEN": responder}

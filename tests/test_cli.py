@@ -1,14 +1,20 @@
 """The `agentgate` command: policy test / eval against the shipped bundle, configuration errors
-that name the key, and a route timeout."""
+that name the key, dev tokens for agents and for the admin API, and a route timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jwt
+
+from gateway.config import EXAMPLE_CONFIG, load_config
+from gateway.devkey import public_pem
+from gateway.identity import IdentityError, JwtVerifier
 from tests.conftest import ROOT, Gateway, Keys, Upstream, http
 
 
@@ -69,6 +75,34 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert env_bad.returncode == 2 and "policy.timeout_seconds" in env_bad.stderr
     missing = agentgate("run", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_token_mint_admin_tokens_and_lifetime(tmp_path: Path) -> None:
+    """`token mint --admin` is for the admin API's audience only; a --ttl the gateway would refuse
+    is refused at once."""
+    agent = agentgate("token", "mint", "--agent", "bot", "--roles", "operator", cwd=tmp_path)
+    admin = agentgate("token", "mint", "--admin", "--agent", "alice", "--roles", "operator", cwd=tmp_path)
+    assert agent.returncode == 0 and admin.returncode == 0, agent.stderr + admin.stderr
+    cfg = load_config(EXAMPLE_CONFIG)  # as the command used
+    verifier = JwtVerifier(cfg.identity, dev_public_key_pem=public_pem(
+        (tmp_path / ".agentgate" / "dev-signing-key.pem").read_bytes()))
+
+    async def outcome(token: str, admin: bool) -> str:
+        try:
+            return (await verifier.verify(token, agent=not admin)).agent_id
+        except IdentityError as err:
+            return err.code
+
+    assert asyncio.run(outcome(admin.stdout.strip(), True)) == "alice"
+    assert asyncio.run(outcome(admin.stdout.strip(), False)) == "wrong_audience"
+    assert asyncio.run(outcome(agent.stdout.strip(), False)) == "bot"
+    assert asyncio.run(outcome(agent.stdout.strip(), True)) == "wrong_audience"
+    assert jwt.decode(admin.stdout.strip(), options={"verify_signature": False})["aud"] == "agentgate-admin"
+
+    assert agentgate("token", "mint", "--agent", "bot", "--ttl", "1d", cwd=tmp_path).returncode == 0
+    too_long = agentgate("token", "mint", "--admin", "--agent", "alice", "--ttl", "2d", cwd=tmp_path)
+    assert too_long.returncode == 2 and not too_long.stdout
+    assert "identity.max_token_lifetime_seconds (86400 s)" in too_long.stderr
 
 
 def test_route_timeout_is_504(gateway_factory, keys: Keys, upstream: Upstream) -> None:

@@ -20,10 +20,11 @@ import jwt
 import pytest
 import trustme
 from aiohttp import web
+from pydantic import ValidationError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.config import ConfigError, IdentityConfig
+from gateway.config import ConfigError, IdentityConfig, load_config
 from gateway.devkey import ensure_dev_key, mint_token, parse_ttl, public_pem
 from gateway.errors import GatewayError, Unauthenticated
 from gateway.identity import IdentityError, JwtVerifier, UnregisteredAgent, extract_bearer
@@ -132,9 +133,9 @@ async def make_verifier() -> AsyncIterator[Callable[..., JwtVerifier]]:
         await v.close()
 
 
-async def rejected(verifier: JwtVerifier, token: str, code: str) -> IdentityError:
+async def rejected(verifier: JwtVerifier, token: str, code: str, *, admin: bool = False) -> IdentityError:
     with pytest.raises(IdentityError) as info:
-        await verifier.verify(token)
+        await verifier.verify(token, agent=not admin)
     err = info.value
     assert err.code == code, err.message
     assert err.status == 401 and err.outcome == "unauthenticated"
@@ -246,6 +247,101 @@ async def test_issuer_and_audience(ed_verifier, ed_key):
 async def test_issuer_and_audience_unchecked_when_not_configured(make_verifier, ed_key):
     v = make_verifier(IdentityConfig(algorithms=["EdDSA"]), dev_public_key_pem=ed_key.public_pem)
     assert await v.verify(sign(ed_key.private, "EdDSA", claims(iss="anyone", aud="anything")))
+
+
+# Admin tokens: their own audience (found by review: an agent token whose roles claim said
+# "operator" could flip kill-switches, "approver" approve, "responder" read the audit) ------------
+async def test_agent_tokens_never_pass_as_admin_tokens(ed_verifier, ed_key):
+    for role in ("admin", "operator", "approver", "responder"):
+        err = await rejected(ed_verifier, ed_token(ed_key, roles=[role]), "wrong_audience", admin=True)
+        assert "'agentgate-admin'" in err.message
+    await rejected(ed_verifier, ed_token(ed_key, roles=["admin"], aud=None), "wrong_audience", admin=True)
+    # verified as an agent first: the cached verification is not an admin one
+    agent = ed_token(ed_key, roles=["admin"])
+    assert (await ed_verifier.verify(agent)).roles == ("admin",)
+    await rejected(ed_verifier, agent, "wrong_audience", admin=True)
+
+
+async def test_admin_tokens_never_pass_as_agent_tokens(ed_verifier, ed_key):
+    admin = ed_token(ed_key, aud="agentgate-admin", roles=["responder"])
+    assert (await ed_verifier.verify(admin, agent=False)).roles == ("responder",)
+    # served from the cache for the admin API, refused for agents all the same
+    assert (await ed_verifier.verify(admin, agent=False)).roles == ("responder",)
+    err = await rejected(ed_verifier, admin, "wrong_audience")
+    assert "admin tokens" in err.message
+    # naming the agents' audience as well does not help
+    both = ed_token(ed_key, aud=["agentgate", "agentgate-admin"])
+    assert await ed_verifier.verify(both, agent=False)
+    await rejected(ed_verifier, both, "wrong_audience")
+
+
+async def test_admin_audience_applies_without_an_agent_audience(make_verifier, ed_key):
+    """With identity.audience unset, agent tokens' aud is free, except for the admin audience;
+    a configured admin_audience replaces the default."""
+    v = make_verifier(IdentityConfig(algorithms=["EdDSA"], admin_audience="ops-console"),
+                      dev_public_key_pem=ed_key.public_pem)
+    assert await v.verify(sign(ed_key.private, "EdDSA", claims(aud="agentgate-admin")))
+    assert await v.verify(sign(ed_key.private, "EdDSA", claims(aud=None)))
+    await rejected(v, sign(ed_key.private, "EdDSA", claims(aud=["x", "ops-console"])), "wrong_audience")
+    await rejected(v, sign(ed_key.private, "EdDSA", claims(aud=None)), "wrong_audience", admin=True)
+    await rejected(v, sign(ed_key.private, "EdDSA", claims(aud="agentgate-admin")), "wrong_audience", admin=True)
+    assert await v.verify(sign(ed_key.private, "EdDSA", claims(aud="ops-console")), agent=False)
+    # aud must be a string or a list of strings (RFC 7519), whichever path reads it
+    for bad in (7, {"ops-console": True}, [["ops-console"]]):
+        await rejected(v, sign(ed_key.private, "EdDSA", claims(aud=bad)), "wrong_audience")
+        await rejected(v, sign(ed_key.private, "EdDSA", claims(aud=bad)), "wrong_audience", admin=True)
+
+
+def test_admin_audience_must_differ_from_the_agent_audience(tmp_path):
+    assert IdentityConfig().admin_audience == "agentgate-admin"
+    for same in ({"audience": "agentgate", "admin_audience": "agentgate"}, {"audience": "agentgate-admin"}):
+        with pytest.raises(ValidationError, match="must differ"):
+            IdentityConfig(**same)
+    cfg = tmp_path / "agentgate.toml"
+    cfg.write_text('[identity]\naudience = "shared"\nadmin_audience = "shared"\n')
+    with pytest.raises(ConfigError, match=r"identity\.admin_audience and identity\.audience .*must differ"):
+        load_config(cfg)
+    cfg.write_text('[identity]\nadmin_audience = ""\n')
+    with pytest.raises(ConfigError, match=r"identity\.admin_audience"):
+        load_config(cfg)
+
+
+# Maximum lifetime (found by review: a token with exp a century away was accepted) --------------
+async def test_token_lifetime_is_bounded(make_verifier, ed_key):
+    clock = FakeClock(1_700_000_000.0)
+    now = int(clock.now)
+    v = make_verifier(IdentityConfig(algorithms=["EdDSA"], leeway_seconds=5, max_token_lifetime_seconds=3600),
+                      dev_public_key_pem=ed_key.public_pem, clock=clock)
+
+    def tok(**over: Any) -> str:
+        return sign(ed_key.private, "EdDSA", claims(**{"iat": now, "nbf": now, **over}))
+
+    # with iat: exp - iat, both from the issuer's clock, so no leeway
+    assert await v.verify(tok(exp=now + 3600))
+    err = await rejected(v, tok(exp=now + 3601), "token_lifetime_too_long")
+    assert "3600 seconds" in err.message and "identity.max_token_lifetime_seconds" in err.message
+    await rejected(v, tok(exp=now + 100 * 365 * 86400), "token_lifetime_too_long")
+    # an old iat counts: a day-old token with an hour left has lived too long
+    await rejected(v, tok(iat=now - 86400, nbf=None, exp=now + 3600), "token_lifetime_too_long")
+    # without iat: exp - now, with the leeway for an issuer clock ahead of ours
+    assert await v.verify(tok(iat=None, exp=now + 3605))
+    await rejected(v, tok(iat=None, exp=now + 3606), "token_lifetime_too_long")
+    await rejected(v, tok(iat=None, nbf=None, exp=now + 100 * 365 * 86400), "token_lifetime_too_long")
+    # admin tokens too
+    await rejected(v, tok(aud="agentgate-admin", exp=now + 7200), "token_lifetime_too_long", admin=True)
+    assert await v.verify(tok(aud="agentgate-admin", exp=now + 600), agent=False)
+
+
+async def test_default_lifetime_is_a_day(make_verifier, ed_key):
+    assert IdentityConfig().max_token_lifetime_seconds == 86400
+    v = make_verifier(IdentityConfig(algorithms=["EdDSA"]), dev_public_key_pem=ed_key.public_pem)
+    now = int(time.time())
+    assert await v.verify(sign(ed_key.private, "EdDSA", claims(exp=now + 86400)))
+    await rejected(v, sign(ed_key.private, "EdDSA", claims(exp=now + 86401)), "token_lifetime_too_long")
+    await rejected(v, sign(ed_key.private, "EdDSA", claims(exp=now + 100 * 365 * 86400)), "token_lifetime_too_long")
+    for bad in (0, -1):
+        with pytest.raises(ValidationError, match="max_token_lifetime_seconds"):
+            IdentityConfig(max_token_lifetime_seconds=bad)
 
 
 async def test_missing_claims(ed_verifier, ed_key):

@@ -49,9 +49,9 @@ class Scenario:
     def __init__(self, gw: Gateway, keys: Keys, upstream: Upstream) -> None:
         self.gw, self.keys, self.upstream = gw, keys, upstream
         self.ids: dict[str, str] = {}
-        self.lead = keys.token("lead-bob", roles=["approver", "support-lead"], team=None)
-        self.finance = keys.token("lead-fin", roles=["approver", "finance"], team=None)
-        self.operator = keys.token("oncall-olga", roles=["operator"], team=None)
+        self.lead = keys.admin_token("lead-bob", roles=["approver", "support-lead"])
+        self.finance = keys.admin_token("lead-fin", roles=["approver", "finance"])
+        self.operator = keys.admin_token("oncall-olga", roles=["operator"])
 
     def call(self, name: str, agent: str | None, roles: list[str], team: str, method: str, route: str, path: str,
              *, body: bytes | None = None, headers: dict[str, str] | None = None, expect: int = 200):
@@ -369,7 +369,7 @@ def test_roles_refusals_and_admin_events(world: Scenario) -> None:
                  "/v1/audit/export?since=1h&format=xml", "/v1/audit/export", "/v1/audit/denied?limit=0"):
         resp = gw.call_admin("GET", path, gw.admin_token)
         assert resp.status == 400 and resp.json()["error"]["code"] == "bad_request", path
-    admin_token = world.keys.token("chief", roles=["admin"], team=None)
+    admin_token = world.keys.admin_token("chief", roles=["admin"])
     assert gw.call_admin("GET", "/v1/audit/denied?since=1h", admin_token).status == 200
     events = gw.sql("SELECT actor, action, target, result FROM agentgate.admin_events "
                     "WHERE action LIKE 'audit.%' AND action != 'audit.sql'")

@@ -1,5 +1,5 @@
 """The JWT rejection list through a real gateway: each case gets its own error code, in the
-response and in its audit row, and nothing reaches the upstream."""
+response and in its audit row, and nothing reaches the upstream (route and forward front ends)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import time
 
 import jwt
 import pytest
 
 from tests.conftest import Gateway, Keys, Upstream, http
+from tests.raw_http import basic, proxy_addr, read_response_head_only, through_proxy
 
 CALL_ID = "x-agentgate-call-id"
 
@@ -69,6 +71,13 @@ def cases(keys: Keys) -> list[tuple[str, str | None, int, str]]:
          401, "missing_claim"),
         ("no sub", f"Bearer {jwt.encode(_claims(keys, sub=None), keys.ed_private, algorithm='EdDSA')}",
          401, "missing_claim"),
+        # found by review: an admin token acted as an agent, and a century-long token was fine
+        ("admin token", f"Bearer {keys.admin_token(roles=['admin'])}", 401, "wrong_audience"),
+        ("admin token naming the agents' audience too",
+         f"Bearer {keys.token(roles=['admin'], aud=[keys.audience, keys.admin_audience])}", 401, "wrong_audience"),
+        ("lifetime too long", f"Bearer {keys.token(ttl=100 * 365 * 86400)}", 401, "token_lifetime_too_long"),
+        ("lifetime too long, no iat", f"Bearer {keys.token(iat=None, ttl=86400 + 3600)}", 401,
+         "token_lifetime_too_long"),
     ]
 
 
@@ -115,3 +124,26 @@ def test_unregistered_agent_refused_when_registry_required(gateway_factory, keys
     assert stranger.json()["error"]["code"] == "unregistered_agent"
     row = gw.audit_row(stranger.headers[CALL_ID])
     assert row["error_code"] == "unregistered_agent"
+
+
+def test_forward_proxy_refuses_admin_and_overlong_tokens(gw: Gateway, keys: Keys, upstream: Upstream) -> None:
+    """The forward front end goes through the same identity step: on a plain request and on a
+    CONNECT, an admin token or a century-long token is refused (407) and never reaches upstream."""
+    target = f"127.0.0.1:{upstream.port}"
+    before = len(upstream.seen)
+    both = [keys.audience, keys.admin_audience]  # an admin token also naming the agents' audience
+    for token, code in [(keys.admin_token("fwd-admin", roles=["admin"]), "wrong_audience"),
+                        (keys.token("fwd-admin2", roles=["admin"], aud=both), "wrong_audience"),
+                        (keys.token("fwd-forever", ttl=100 * 365 * 86400), "token_lifetime_too_long")]:
+        status, headers, body = through_proxy(gw, f"GET http://{target}/fwd HTTP/1.1\r\nHost: {target}\r\n"
+                                                  f"Proxy-Authorization: Bearer {token}\r\n\r\n".encode())
+        assert status == 407 and json.loads(body)["error"]["code"] == code, (code, status, body[:200])
+        row = gw.audit_row(headers[CALL_ID])
+        assert (row["mode"], row["outcome"], row["error_code"]) == ("forward", "unauthenticated", code)
+        with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+                         f"Proxy-Authorization: {basic(token)}\r\n\r\n".encode())
+            status, headers, _ = read_response_head_only(sock)
+        assert status == 407, code
+        assert gw.audit_row(headers[CALL_ID])["error_code"] == code
+    assert len(upstream.seen) == before

@@ -21,7 +21,7 @@ CALL_ID = "x-agentgate-call-id"
 
 @pytest.fixture(scope="module")
 def operator(keys: Keys) -> str:
-    return keys.token("oncall-olga", roles=["operator"], team=None)
+    return keys.admin_token("oncall-olga", roles=["operator"])
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_targets_match_whatever_their_case(gw: Gateway, keys: Keys, operator: st
 
 
 def test_kill_requires_operator_and_valid_input(gw: Gateway, keys: Keys, operator: str) -> None:
-    responder = keys.token("r", roles=["responder"])
+    responder = keys.admin_token("r", roles=["responder"])
     resp = gw.call_admin("POST", "/v1/killswitches", responder, {"scope": "all", "reason": "x"})
     assert resp.status == 403 and resp.json()["error"]["code"] == "forbidden_role"
     for body in ({"scope": "planet", "reason": "x"}, {"scope": "agent", "reason": "x"}, {"scope": "team", "target": "t"}):
@@ -153,7 +153,7 @@ def test_kill_cuts_open_stream(gw: Gateway, keys: Keys, operator: str, upstream:
 
 
 def test_kill_denies_held_approvals(gw: Gateway, keys: Keys, operator: str, upstream: Upstream) -> None:
-    lead = keys.token("lead", roles=["approver", "support-lead"])
+    lead = keys.admin_token("lead", roles=["approver", "support-lead"])
     with ThreadPoolExecutor(1) as pool:
         held = pool.submit(lambda: http("POST", gw.route_url("plain", "/refunds"), body=b'{"n": 1}',
                                         headers={"Authorization": f"Bearer {keys.token('held-bot', roles=['writer'])}",

@@ -12,7 +12,7 @@ def test_killswitch_during_store_outage(gateway_factory, upstream: Upstream, key
     try:
         gw = gateway_factory({"audit": {"dsn": ch.dsn}, "routes": {"plain": {"upstream": upstream.url}}},
                              name="killswitch-outage")
-        operator = keys.token("oncall", roles=["operator"], team=None)
+        operator = keys.admin_token("oncall", roles=["operator"])
         agent = {"Authorization": f"Bearer {keys.token('outage-bot')}"}
         assert http("GET", gw.route_url("plain", "/x"), headers=agent).status == 200
         ch.kill()

@@ -44,7 +44,7 @@ def gw(gateway_factory, server: McpServer, tls_server: tuple[McpServer, Path]) -
 
 @pytest.fixture(scope="module")
 def lead(keys: Keys) -> str:
-    return keys.token("lead-sam", roles=["support-lead", "approver"], team=None)
+    return keys.admin_token("lead-sam", roles=["support-lead", "approver"])
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_killswitch_cuts_an_open_mcp_stream(gw: Gateway, keys: Keys, server: Mcp
             pass
         return resp.status
 
-    operator = keys.token("oncall", roles=["operator"], team=None)
+    operator = keys.admin_token("oncall", roles=["operator"])
     with ThreadPoolExecutor(1) as pool:
         stream: Future = pool.submit(listen)
         wait_until(lambda: any(r["method"] == "GET" and r["headers"].get("mcp-session-id") == sid

@@ -81,7 +81,8 @@ def test_quickstart_end_to_end(quickstart, demo: Upstream) -> None:
     assert (cwd / ".agentgate" / "dev-signing-key.pem").exists()
     token = agentgate("token", "mint", "--agent", "support-bot", "--team", "support", "--roles", "support",
                       cwd=cwd, env=env).stdout.strip()
-    admin = agentgate("token", "mint", "--agent", "alice", "--roles", "responder", cwd=cwd, env=env).stdout.strip()
+    admin = agentgate("token", "mint", "--admin", "--agent", "alice", "--roles", "responder",
+                      cwd=cwd, env=env).stdout.strip()
 
     # Route mode: one allowed, one denied call.
     ok = curl("-H", f"Authorization: Bearer {token}", f"http://{listen['routes']}/r/demo/tickets")
@@ -121,6 +122,12 @@ def test_audit_sql_cli_errors_are_clear(quickstart) -> None:
     cwd, env, _ = quickstart
     no_token = agentgate("audit", "sql", "SELECT 1", cwd=cwd, env=env, check=False)
     assert no_token.returncode == 2 and "AGENTGATE_TOKEN" in no_token.stderr
-    agent_token = agentgate("token", "mint", "--agent", "bot", "--roles", "support", cwd=cwd, env=env).stdout.strip()
-    refused = agentgate("audit", "sql", "--token", agent_token, "SELECT 1", cwd=cwd, env=env, check=False)
+    no_role = agentgate("token", "mint", "--admin", "--agent", "bob", "--roles", "support",
+                        cwd=cwd, env=env).stdout.strip()
+    refused = agentgate("audit", "sql", "--token", no_role, "SELECT 1", cwd=cwd, env=env, check=False)
     assert refused.returncode != 0 and "forbidden_role" in refused.stderr
+    # An agent token is not an admin token, whatever its roles: the message says what to use.
+    agent_token = agentgate("token", "mint", "--agent", "bot", "--roles", "responder", cwd=cwd, env=env).stdout.strip()
+    refused = agentgate("audit", "sql", "--token", agent_token, "SELECT 1", cwd=cwd, env=env, check=False)
+    assert refused.returncode != 0 and "wrong_audience" in refused.stderr
+    assert "agentgate token mint --admin" in refused.stderr

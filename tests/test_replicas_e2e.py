@@ -36,7 +36,7 @@ def status_of(gw: Gateway, keys: Keys, agent: str) -> int:
 
 def test_killswitch_on_one_replica_applies_to_the_other(replicas, keys: Keys) -> None:
     a, b = replicas
-    operator = keys.token("oncall", roles=["operator"])
+    operator = keys.admin_token("oncall", roles=["operator"])
     assert status_of(a, keys, "shared-bot") == 200
     created = b.call_admin("POST", "/v1/killswitches", operator, {"scope": "agent", "target": "shared-bot", "reason": "drill"})
     assert created.status == 201
@@ -50,7 +50,7 @@ def test_killswitch_on_one_replica_applies_to_the_other(replicas, keys: Keys) ->
 
 def test_call_held_on_a_is_released_by_approval_on_b(replicas, keys: Keys, upstream: Upstream) -> None:
     a, b = replicas
-    lead = keys.token("lead", roles=["approver", "support-lead"])
+    lead = keys.admin_token("lead", roles=["approver", "support-lead"])
     before = sum(1 for s in upstream.seen if s.path == "/refunds")
     with ThreadPoolExecutor(1) as pool:
         held = pool.submit(lambda: http("POST", a.route_url("plain", "/refunds"), body=b'{"id": "r1"}',
@@ -98,7 +98,7 @@ def _pending_on_both(a: Gateway, b: Gateway, lead: str, agent: str) -> str:
 
 def test_approve_on_one_and_deny_on_the_other_at_once(quick_replicas, keys: Keys) -> None:
     a, b = quick_replicas
-    lead = keys.token("lead", roles=["approver", "support-lead"])
+    lead = keys.admin_token("lead", roles=["approver", "support-lead"])
     assert _refund(a, keys, "torn-bot", b'{"id": "t1"}').status == 403
     approval_id = _pending_on_both(a, b, lead, "torn-bot")
     with ThreadPoolExecutor(2) as pool:
@@ -114,7 +114,7 @@ def test_approve_on_one_and_deny_on_the_other_at_once(quick_replicas, keys: Keys
 
 def test_one_approval_lets_one_retry_through_across_replicas(quick_replicas, keys: Keys, upstream: Upstream) -> None:
     a, b = quick_replicas
-    lead = keys.token("lead", roles=["approver", "support-lead"])
+    lead = keys.admin_token("lead", roles=["approver", "support-lead"])
     body = b'{"id": "twice"}'
     assert _refund(a, keys, "twice-bot", body).status == 403
     approval_id = _pending_on_both(a, b, lead, "twice-bot")
