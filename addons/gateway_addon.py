@@ -65,7 +65,9 @@ def _tokens(*credentials: str | None) -> set[str]:
 
 
 def _split_path(raw: bytes) -> tuple[str, str]:
-    path, _, query = raw.decode("latin-1").partition("?")
+    # UTF-8 as route mode reads it; bytes that are not UTF-8 stay surrogate escapes, which
+    # canonical.py refuses as "not UTF-8" (and mitmproxy writes back unchanged).
+    path, _, query = raw.decode("utf-8", "surrogateescape").partition("?")
     return path or "/", query
 
 

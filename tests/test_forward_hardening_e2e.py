@@ -321,3 +321,21 @@ def test_large_download_passes_up_to_the_limit(gw: Gateway, gw_small: Gateway, k
     assert gw.audit_row(headers[CALL_ID])["response_bytes"] == len(body)
     status, _, _ = through_proxy(gw_small, request)
     assert status == 502  # larger than this gateway's proxy.max_body_bytes
+
+
+# 12. Raw UTF-8 in a request target inside a tunnel (mitmproxy accepts it there) was read as
+#     latin-1: the upstream got mojibake ("日" as "æ\x97¥", re-encoded) and the Unicode checks of
+#     canonical.py never saw the characters sent.
+def test_raw_utf8_path_reaches_upstream_as_sent(gw: Gateway, keys: Keys, tls_upstream: Upstream) -> None:
+    token, port = keys.token("utf8-bot", roles=["reader"]), tls_upstream.port
+    status, headers, resp = in_tunnel(gw, f"127.0.0.1:{port}", token,
+                                      f"GET /utf8/日本 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    assert status == 200, resp[:300]
+    assert tls_upstream.seen[-1].path == "/utf8/%E6%97%A5%E6%9C%AC"
+
+
+def test_raw_utf8_dot_segment_in_disguise_is_refused(gw: Gateway, keys: Keys, tls_upstream: Upstream) -> None:
+    token, before, port = keys.token("utf8-bot", roles=["reader"]), len(tls_upstream.seen), tls_upstream.port
+    status, headers, resp = in_tunnel(gw, f"127.0.0.1:{port}", token,
+                                      f"GET /api/．．/admin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    _assert_refused_and_audited(gw, tls_upstream, before, "ambiguous_path", status, headers, resp)
