@@ -316,7 +316,6 @@ def _roles(value: Any) -> tuple[str, ...]:
 _JWT_ERRORS: list[tuple[type[Exception], str, str]] = [
     (jwt.InvalidSignatureError, BAD_SIGNATURE, "token signature is invalid"),
     (jwt.InvalidIssuerError, WRONG_ISSUER, "token issuer is not accepted"),
-    (jwt.InvalidAudienceError, WRONG_AUDIENCE, "token audience is not accepted"),
     (jwt.InvalidAlgorithmError, ALG_NOT_ALLOWED, "token algorithm is not allowed"),
     (jwt.InvalidKeyError, UNKNOWN_KEY, "no usable key for this token"),
     (jwt.ExpiredSignatureError, TOKEN_EXPIRED, "token has expired"),
@@ -328,8 +327,6 @@ def _map_jwt_error(exc: jwt.PyJWTError) -> IdentityError:
     if isinstance(exc, jwt.MissingRequiredClaimError):
         if exc.claim == "iss":
             return IdentityError("token has no issuer ('iss')", code=WRONG_ISSUER)
-        if exc.claim == "aud":
-            return IdentityError("token has no audience ('aud')", code=WRONG_AUDIENCE)
         return IdentityError(f"token is missing the '{exc.claim}' claim", code=MISSING_CLAIM)
     for cls, code, message in _JWT_ERRORS:
         if isinstance(exc, cls):
@@ -424,7 +421,7 @@ class JwtVerifier:
         ``admin_audience``, and they are not in the agent registry. Agent tokens must not be.
         """
         if not token:
-            raise IdentityError("no agent token presented", code=MISSING_TOKEN)
+            raise IdentityError(f"no {'agent' if agent else 'admin'} token presented", code=MISSING_TOKEN)
         if len(token) > MAX_TOKEN_CHARS or not token.isascii():
             raise IdentityError("token is malformed", code=MALFORMED_TOKEN)
         if self._jwks_url:
