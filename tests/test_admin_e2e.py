@@ -45,7 +45,7 @@ def test_metrics_count_outcomes_and_decisions(gw: Gateway, keys: Keys) -> None:
 
 def test_audit_sql_requires_responder_or_admin(gw: Gateway, keys: Keys) -> None:
     status, body = sql(gw, None, {"sql": "SELECT 1"})
-    assert (status, body["error"]["code"]) == (401, "missing_token")
+    assert (status, body["error"]["code"], body["error"]["message"]) == (401, "missing_token", "no admin token presented")
     status, body = sql(gw, keys.admin_token("op", roles=["operator"]), {"sql": "SELECT 1"})
     assert (status, body["error"]["code"]) == (403, "forbidden_role")
     for role in ("responder", "admin"):
