@@ -98,7 +98,7 @@ class AdminApi:
                         target: str = "") -> Identity:
         """The caller's identity if it holds one of ``allowed``; refusals are audited."""
         try:
-            identity = await self.verifier.verify(extract_bearer(request.headers.get("Authorization")),
+            identity = await self.verifier.verify(extract_bearer(request.headers.get("Authorization"), "admin"),
                                                  agent=False)
         except GatewayError as err:
             await self.events.record(None, action, target, result="unauthenticated", detail=err.code)

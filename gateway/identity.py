@@ -93,14 +93,15 @@ class UnregisteredAgent(Forbidden):
 _WHITESPACE = re.compile(r"\s")
 
 
-def extract_bearer(value: str | None) -> str:
+def extract_bearer(value: str | None, kind: str = "agent") -> str:
     """The JWT from an ``Authorization``/``Proxy-Authorization`` value.
 
     Accepts ``Bearer <jwt>`` and ``Basic base64(user:jwt)`` (the JWT is the password, so
-    clients that only speak proxy Basic auth can still present a token).
+    clients that only speak proxy Basic auth can still present a token). ``kind`` names the
+    token in refusals (``agent`` or ``admin``).
     """
     if value is None or not value.strip():
-        raise IdentityError("no agent token presented", code=MISSING_TOKEN)
+        raise IdentityError(f"no {kind} token presented", code=MISSING_TOKEN)
     scheme, _, rest = value.strip().partition(" ")
     rest = rest.strip()
     scheme = scheme.lower()
@@ -118,9 +119,9 @@ def extract_bearer(value: str | None) -> str:
         raise IdentityError("unsupported authorization scheme: use Bearer or Basic",
                             code=MALFORMED_TOKEN)
     if not token:
-        raise IdentityError("no agent token presented", code=MISSING_TOKEN)
+        raise IdentityError(f"no {kind} token presented", code=MISSING_TOKEN)
     if _WHITESPACE.search(token):  # \s is str.isspace (Py_UNICODE_ISSPACE), in C
-        raise IdentityError("agent token contains whitespace", code=MALFORMED_TOKEN)
+        raise IdentityError(f"{kind} token contains whitespace", code=MALFORMED_TOKEN)
     return token
 
 
