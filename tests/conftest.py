@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import ssl
@@ -202,20 +203,28 @@ def start_upstream(up: Upstream, cert_dir: Path, app: web.Application | None = N
     return stop
 
 
+@contextlib.contextmanager
+def serving(app: web.Application | None, cert_dir: Path, up: Upstream | None = None) -> Iterator[Upstream]:
+    """``up`` (default: a plain HTTP one) serving ``app`` (default: the recording echo app)
+    for the length of the block."""
+    up = up if up is not None else Upstream()
+    stop = start_upstream(up, cert_dir, app)
+    try:
+        yield up
+    finally:
+        stop()
+
+
 @pytest.fixture(scope="session")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    up = Upstream()
-    stop = start_upstream(up, tmp_path_factory.mktemp("up"))
-    yield up
-    stop()
+    with serving(None, tmp_path_factory.mktemp("up")) as up:
+        yield up
 
 
 @pytest.fixture(scope="session")
 def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
-    up = Upstream(tls=trustme.CA())
-    stop = start_upstream(up, tmp_path_factory.mktemp("tlsup"))
-    yield up
-    stop()
+    with serving(None, tmp_path_factory.mktemp("tlsup"), Upstream(tls=trustme.CA())) as up:
+        yield up
 
 
 # -- gateway processes -------------------------------------------------------------------

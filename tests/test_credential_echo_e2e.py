@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.echo_guard import REPLACEMENT
-from tests.conftest import Gateway, Keys, Upstream, http, start_upstream
+from tests.conftest import Gateway, Keys, Upstream, http, serving
 
 SECRET = "route/Secret+xyz=0123456789"  # "/" and "+": JSON-escaped and percent-encoded forms differ
 HIDDEN = REPLACEMENT.decode()
@@ -102,10 +102,8 @@ def upstream(tmp_path_factory) -> Upstream:
     app.router.add_get("/gzip", _gzip)
     app.router.add_get("/gzip-stream", _gzip_stream)
     app.router.add_post("/rpc", _rpc)
-    up = Upstream()
-    stop = start_upstream(up, tmp_path_factory.mktemp("echo-up"), app)
-    yield up
-    stop()
+    with serving(app, tmp_path_factory.mktemp("echo-up")) as up:
+        yield up
 
 
 @pytest.fixture(scope="module")

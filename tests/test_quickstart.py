@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Upstream, start_upstream
+from tests.conftest import ROOT, Upstream, serving
 
 CALL_ID = "x-agentgate-call-id"
 
@@ -31,10 +31,8 @@ def demo(tmp_path_factory) -> Upstream:
     """The demo upstream app (`agentgate demo-upstream`) on a free port."""
     from gateway.demo_upstream import make_app
 
-    up = Upstream()
-    stop = start_upstream(up, tmp_path_factory.mktemp("demo"), make_app())
-    yield up
-    stop()
+    with serving(make_app(), tmp_path_factory.mktemp("demo")) as up:
+        yield up
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.conftest import Gateway, Keys, Upstream, http, start_upstream
+from tests.conftest import Gateway, Keys, Upstream, http, serving
 
 CALL_ID = "x-agentgate-call-id"
 EMAIL = "ada.lovelace@example.com"
@@ -94,10 +94,8 @@ def custom_upstream(tmp_path_factory) -> Upstream:
     app.router.add_get("/pii/sse", _sse_fields)
     app.router.add_get("/endless", _endless)
     app.router.add_static("/pii/files", d)  # a static file server: honours Range like any other
-    up = Upstream()
-    stop = start_upstream(up, tmp_path_factory.mktemp("cu"), app)
-    yield up
-    stop()
+    with serving(app, tmp_path_factory.mktemp("cu")) as up:
+        yield up
 
 
 @pytest.fixture(scope="module")
