@@ -114,16 +114,18 @@ class Approval:
 
     @classmethod
     def from_record(cls, text: str) -> "Approval":
-        values = json.loads(text)
-        values["reasons"] = tuple(values["reasons"])
-        values["approvers"] = tuple(values["approvers"])
-        return cls(**values)
+        return cls._of(json.loads(text))
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Approval":
         values = dict(row)
         for key in ("created_at", "expires_at", "decided_at", "consumed_at"):
             values[key] = from_datetime(values[key])
+        return cls._of(values)
+
+    @classmethod
+    def _of(cls, values: dict[str, Any]) -> "Approval":
+        """From the field values of a row or a record (JSON/ClickHouse lists become tuples)."""
         values["reasons"] = tuple(values["reasons"])
         values["approvers"] = tuple(values["approvers"])
         values["version"] = int(values["version"])

@@ -73,6 +73,7 @@ class EchoGuard:
         self._text = re.compile("|".join(re.escape(n.decode()) for n in needles)) if needles else None
         self._needles = needles
         self._starts = frozenset(n[0] for n in needles)
+        self._longest = max(map(len, needles), default=0)
 
     def bytes(self, data: bytes) -> tuple[bytes, int]:
         """``data`` with every occurrence replaced, and how many there were."""
@@ -84,17 +85,17 @@ class EchoGuard:
         """Replace the credential in ``headers``' values in place; how many were replaced."""
         if self._text is None:
             return 0
-        found = 0
-        for key, value in list(headers.items()):
+        items, found = [], 0
+        for key, value in headers.items():
             new, n = self._text.subn(REPLACEMENT.decode(), value)
-            if not n:
-                continue
+            items.append((key, new))
             found += n
-            if isinstance(headers, CIMultiDict):  # keep the other values of a repeated header
-                values = [self._text.sub(REPLACEMENT.decode(), v) for v in headers.popall(key)]
-                headers.extend((key, v) for v in values)
+        if found:  # rebuilt in order, every value of a repeated header included
+            headers.clear()
+            if isinstance(headers, CIMultiDict):
+                headers.extend(items)
             else:
-                headers[key] = new
+                headers.update(items)
         return found
 
     def whole(self, body: bytes, content_encoding: str | None, reasons: list[str]) -> tuple[bytes, int]:
@@ -130,8 +131,7 @@ class EchoGuard:
 
     def _held(self, buf: bytes) -> int:
         """How many bytes at the end of ``buf`` could begin a credential (kept for the next chunk)."""
-        longest = max(map(len, self._needles)) - 1
-        for k in range(min(longest, len(buf)), 0, -1):
+        for k in range(min(self._longest - 1, len(buf)), 0, -1):
             if buf[-k] in self._starts and any(n.startswith(buf[-k:]) for n in self._needles):
                 return k
         return 0

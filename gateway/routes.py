@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import mcp
 from gateway.echo_guard import KIND
@@ -59,6 +59,7 @@ class RouteFrontEnd:
         self.pipeline = pipeline
         self.upstream = upstream
         self.max_body = max_body
+        self._send = mcp.route_sender(upstream)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body)
@@ -103,7 +104,7 @@ class RouteFrontEnd:
 
     async def _batch_sender(self, call: Call) -> mcp.Reply:
         """A JSON-RPC batch element's upstream answer (the route's credential cut out of it)."""
-        reply = await mcp.route_sender(self.upstream)(call)
+        reply = await self._send(call)
         guard = self.upstream.echo_guard(call.request.route)
         if guard is not None:
             _echoes(call, guard.headers(reply.headers))
@@ -145,7 +146,7 @@ class RouteFrontEnd:
         is_sse = upstream.content_type == "text/event-stream"
         sse = None
         rpc = mcp.reply_handler(self.pipeline, call, upstream.status, upstream.headers.get("Content-Type", ""),
-                                _content_encoding(upstream))
+                                _content_encoding(upstream.headers))
         try:
             self.pipeline.check_partial_response(call, upstream.status, upstream.headers.get("Content-Type", ""))
             if rpc is not None and rpc.buffered:  # an MCP listing: read whole, filtered by policy
@@ -179,7 +180,7 @@ class RouteFrontEnd:
 
     def _sse_redactor(self, call: Call, upstream: aiohttp.ClientResponse) -> Any:
         try:
-            return call.redaction.sse(_content_encoding(upstream))
+            return call.redaction.sse(_content_encoding(upstream.headers))
         except NotRedactable as exc:
             self.pipeline.unredactable(call, exc)  # raises unless the route lets it pass
             return None
@@ -197,7 +198,7 @@ class RouteFrontEnd:
         reply = await mcp.read_reply(upstream)
         body = await rpc.body(reply.body)
         body = await self.pipeline.redact(call, body, content_type=upstream.headers.get("Content-Type", ""),
-                                          content_encoding=_content_encoding(upstream))
+                                          content_encoding=_content_encoding(upstream.headers))
         return self._whole(call, upstream.status, body, headers)
 
     async def _relay_redacted(self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse,
@@ -213,14 +214,14 @@ class RouteFrontEnd:
         if rpc is not None:
             await rpc.body(body)  # MCP: records the tool result's isError
         body = await self.pipeline.redact(call, body, content_type=upstream.headers.get("Content-Type", ""),
-                                          content_encoding=_content_encoding(upstream))
+                                          content_encoding=_content_encoding(upstream.headers))
         return self._whole(call, upstream.status, body, headers)
 
     def _whole(self, call: Call, status: int, body: bytes, headers: CIMultiDict[str]) -> web.Response:
         """Answer with a body read whole (the route's credential cut out of it first)."""
         guard = self.upstream.echo_guard(call.request.route)
         if guard is not None:
-            body, n = guard.whole(body, ", ".join(headers.getall("Content-Encoding", [])) or None, call.reasons)
+            body, n = guard.whole(body, _content_encoding(headers), call.reasons)
             _echoes(call, n)
         self.pipeline.finish(call, status=status, response_bytes=len(body))
         return web.Response(status=status, body=body, headers=headers)
@@ -231,19 +232,20 @@ class RouteFrontEnd:
         guard = self.upstream.echo_guard(call.request.route)
         echo = None
         if guard is not None:
-            guard.check_stream(_content_encoding(upstream), call.reasons)
+            guard.check_stream(_content_encoding(upstream.headers), call.reasons)
             echo = guard.stream()
         resp = web.StreamResponse(status=upstream.status, headers=headers)
         await resp.prepare(request)
 
-        async def send(data: bytes) -> int:
-            if echo is not None:
-                data = echo.feed(data)
+        async def write(data: bytes) -> int:
             try:
                 await resp.write(data)
             except ConnectionError as exc:  # the agent's side, not the upstream's
                 raise _AgentGone from exc
             return len(data)
+
+        async def send(data: bytes) -> int:
+            return await write(echo.feed(data) if echo is not None else data)
 
         cut = asyncio.Event()
 
@@ -266,11 +268,7 @@ class RouteFrontEnd:
             if sse is not None and (tail := sse.close()):
                 sent += await send(tail)
             if echo is not None and (tail := echo.close()):
-                sent += len(tail)
-                try:
-                    await resp.write(tail)
-                except ConnectionError as exc:
-                    raise _AgentGone from exc
+                sent += await write(tail)
             if not cut.is_set():
                 try:
                     await resp.write_eof()
@@ -330,10 +328,10 @@ class _AgentGone(Exception):
     """Writing to the agent failed: it hung up mid-response (audited as such, not as the upstream's fault)."""
 
 
-def _content_encoding(upstream: aiohttp.ClientResponse) -> str | None:
+def _content_encoding(headers: "CIMultiDictProxy[str] | CIMultiDict[str]") -> str | None:
     """Every Content-Encoding the upstream sent, in order: a second header is a second coding
     (clients apply them all), so redaction must decode them all too."""
-    values = upstream.headers.getall("Content-Encoding", [])
+    values = headers.getall("Content-Encoding", [])
     return ", ".join(values) if values else None
 
 
