@@ -78,7 +78,6 @@ import yarl
 from gateway.canonical import canonical_host, canonical_port
 from gateway.errors import CALL_ID_HEADER, BadRequest, GatewayError, UpstreamError, error_body
 from gateway.models import Call, Decision
-from gateway.policy.input import build_input
 from gateway.redaction import scrub_value
 from gateway.redaction.codec import decode as decode_codings
 from gateway.redaction.codec import encode as encode_codings
@@ -579,9 +578,8 @@ class ReplyHandler:
 
     def _input_document(self) -> dict[str, Any]:
         call, req = self.call, self.call.request
-        return build_input(call, port=canonical_port(req.scheme, req.port),
-                           segments=self.pipeline.path_segments(call),
-                           inspect_limit=self.pipeline.cfg.policy.inspect_body_bytes)
+        return self.pipeline.policy_input(call, port=canonical_port(req.scheme, req.port),
+                                          segments=self.pipeline.path_segments(call))
 
     async def _usable(self, doc: dict[str, Any], listing: Listing, item: Any) -> bool:
         name = item.get(listing.key) if isinstance(item, dict) else None

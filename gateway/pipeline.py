@@ -199,8 +199,7 @@ class Pipeline:
         call.enforce = enforce
         call.engine = self.engine.name
         call.policy_revision = self.engine.revision
-        doc = build_input(call, port=port, segments=segments,
-                          inspect_limit=self.cfg.policy.inspect_body_bytes)
+        doc = self.policy_input(call, port=port, segments=segments)
         started = time.perf_counter()
         try:
             # Each engine keeps its own time limit (the OPA client's timeout; the embedded engine
@@ -232,6 +231,12 @@ class Pipeline:
                 raise Forbidden(reason, code="policy_denied", outcome="denied")
             call.outcome = "would_deny"
         self._plan_redaction(call, decision)
+
+    def policy_input(self, call: Call, *, port: int | None, segments: list[str]) -> dict[str, Any]:
+        """The Rego input for ``call`` (gateway/policy/input.py), its agent's registry entry included."""
+        registry, ident = self.verifier.registry, call.identity
+        return build_input(call, port=port, segments=segments, inspect_limit=self.cfg.policy.inspect_body_bytes,
+                           registration=registry.entry(ident.agent_id) if registry is not None and ident else None)
 
     def _plan_redaction(self, call: Call, decision: Decision) -> None:
         """Compile the decision's redaction before anything goes upstream: a redaction the

@@ -1,8 +1,11 @@
 """The agent registry: which agents exist, who owns them and what they are for.
 
 Loaded from a TOML file of ``[agents.<agent-id>]`` tables. With
-``identity.require_registered_agents`` on, a valid token of an agent absent from it is refused;
-policies see the registry as ``data.agents``.
+``identity.require_registered_agents`` on, a valid token of an agent absent from it is refused.
+Policies see the calling agent's entry as ``input.agent.registration`` and the whole registry as
+``data.agents``. Prefer the input: rego-cpp finds an object's key by comparing the keys one by
+one, so ``data.agents[input.agent.id]`` costs ~0.4 µs per agent listed before it (~0.4 ms per
+decision with 1,000 agents).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class AgentRegistry:
 
     def __init__(self, agents: Mapping[str, AgentRecord] | None = None, *, source: str = "") -> None:
         self._agents: dict[str, AgentRecord] = dict(agents or {})
+        self._data = {agent_id: rec.model_dump(mode="json") for agent_id, rec in self._agents.items()}
         self.source = source
 
     @classmethod
@@ -91,4 +95,8 @@ class AgentRegistry:
 
     def as_data(self) -> dict[str, dict[str, Any]]:
         """JSON-able view for Rego's ``data.agents``."""
-        return {agent_id: rec.model_dump(mode="json") for agent_id, rec in self._agents.items()}
+        return {agent_id: dict(entry) for agent_id, entry in self._data.items()}
+
+    def entry(self, agent_id: str) -> dict[str, Any] | None:
+        """The agent's entry as policy input (``input.agent.registration``); shared: read only."""
+        return self._data.get(agent_id)

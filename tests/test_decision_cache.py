@@ -18,6 +18,7 @@ from gateway.policy import PolicyEvalError
 from gateway.policy.bundle import load_bundle
 from gateway.policy.embedded import CompiledPolicy, compile_bundle
 from gateway.policy.input_shape import InputShape
+from gateway.registry import AgentRegistry
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 DECISION = "agentgate/decision"
@@ -34,6 +35,7 @@ def _inputs(n: int, seed: int) -> list[dict[str, Any]]:
     route and method, MCP messages naming catalogued and unknown items, bodies the approval
     rules read, and the per-call fields (claims, headers, time, trace) the bundle does not read."""
     rnd = random.Random(seed)
+    registry = AgentRegistry.load(POLICIES / "agents.toml")
     gw = json.loads((POLICIES / "data.json").read_text())["gateway"]
     systems = gw["systems"]
     roles = list(gw["roles"]) + ["support-lead", "finance", "intruder"]
@@ -81,7 +83,8 @@ def _inputs(n: int, seed: int) -> list[dict[str, Any]]:
         agent = rnd.choice(agents)
         out.append({
             "agent": {"id": agent, "team": rnd.choice(["support", "ops", None]), "roles": agent_roles,
-                      "claims": {"sub": agent, "jti": f"j{i}", "iat": i, "exp": i + 60}},
+                      "claims": {"sub": agent, "jti": f"j{i}", "iat": i, "exp": i + 60},
+                      "registration": registry.entry(agent)},
             "request": {"method": method, "scheme": "https", "host": host, "port": None,
                         "path": path, "path_segments": [s for s in path.split("/") if s],
                         "query": {"page": [str(i)]}, "headers": headers, "body": body,

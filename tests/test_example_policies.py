@@ -125,7 +125,8 @@ def decide(bundle: Any) -> Any:
                  route: str | None = None, body: Any = None) -> dict[str, Any]:
         rego = Interpreter()
         rego.set_input({
-            "agent": {"id": agent, "team": None, "roles": roles, "claims": {}},
+            "agent": {"id": agent, "team": None, "roles": roles, "claims": {},
+                      "registration": AgentRegistry.from_dict({"agents": registry()}).entry(agent)},
             "request": {
                 "method": method, "scheme": "https", "host": host, "port": 443, "path": path,
                 "path_segments": [s for s in path.split("/") if s], "query": {}, "headers": {},
@@ -211,3 +212,32 @@ def test_data_and_registry_are_consistent() -> None:
     assert set(loaded) == {"support-bot", "sales-bot", "ops-bot"}
     for agent_id, record in registry().items():
         assert set(record["systems"]) <= set(systems), agent_id
+
+
+def test_registry_narrowing_reads_the_input_not_data_agents() -> None:
+    """The bundle takes the agent's registry entry from input.agent.registration: looking it up
+    in data.agents costs rego-cpp ~0.4 µs per agent listed before it on every decision."""
+    rego = Interpreter()
+    rego.add_data(gateway_data())
+    rego.add_data({"agents": {}})
+    for name, source in modules().items():
+        rego.add_module(name, source)
+    bundle = rego.build(None, [DECISION])
+
+    def decide(registration: dict[str, Any] | None) -> dict[str, Any]:
+        rego.set_input({
+            "agent": {"id": "support-bot", "team": "support", "roles": ["support"], "claims": {},
+                      "registration": registration},
+            "request": {"method": "GET", "scheme": "https", "host": "acme.atlassian.net", "port": 443,
+                        "path": "/rest/api/3/issue/OPS-1", "path_segments": ["rest", "api", "3", "issue", "OPS-1"],
+                        "query": {}, "headers": {}, "body": None, "body_size": 0, "body_truncated": False,
+                        "body_error": None, "content_type": ""},
+            "route": None, "tool": {"kind": "http"},
+            "context": {"time_ns": 1, "mode": "forward", "client_ip": "127.0.0.1", "trace_id": "t"}})
+        return json.loads(str(rego.query_bundle_entrypoint(bundle, DECISION)))["expressions"][0]
+
+    narrowed = decide({"owner": "alice@example.com", "team": "support", "purpose": "", "environment": None,
+                       "systems": ["zendesk"]})
+    assert narrowed["allow"] is False
+    assert narrowed["reasons"] == ["agent support-bot is not registered for jira"]
+    assert decide(None)["allow"] is True  # unregistered: judged by its roles alone

@@ -51,7 +51,9 @@ def parse_body(body: bytes, content_type: str, limit: int) -> tuple[Any, bool, s
         return None, False, f"invalid_json: {exc}"
 
 
-def build_input(call: Call, *, port: int | None, segments: list[str], inspect_limit: int) -> dict[str, Any]:
+def build_input(call: Call, *, port: int | None, segments: list[str], inspect_limit: int,
+                registration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``registration``: the agent's registry entry (gateway/registry.py), None if unregistered."""
     req = call.request
     ident = call.identity
     assert ident is not None
@@ -69,6 +71,7 @@ def build_input(call: Call, *, port: int | None, segments: list[str], inspect_li
             "team": ident.team,
             "roles": list(ident.roles),
             "claims": ident.claims,
+            "registration": registration,
         },
         "request": {
             "method": req.method,

@@ -135,7 +135,6 @@ test_other_tool_kinds_are_denied if {
 		with input.request as {"method": "POST", "host": "acme.zendesk.com", "path_segments": []}
 		with input.route as null
 		with input.tool as {"kind": "grpc", "name": "create_ticket"}
-		with data.agents as {}
 	d.allow == false
 	d.reasons == ["this policy covers HTTP and MCP tool calls only"]
 }

@@ -2,7 +2,8 @@
 #
 # The gateway evaluates data.agentgate.decision with this input:
 #
-#   input.agent   = {id, team, roles: [string], claims}         from the verified token
+#   input.agent   = {id, team, roles: [string], claims,         from the verified token;
+#                    registration}                               the agent's registry entry, or null
 #   input.request = {method, scheme, host, port, path,           canonical: host lower-cased,
 #                    path_segments: [string],                    path dot-segments resolved,
 #                    query: {name: [string]},                    segments percent-decoded
@@ -15,7 +16,8 @@
 #   input.context = {time_ns, mode: "forward" | "route", client_ip, trace_id}
 #
 # data.gateway is policies/data.json (systems, roles, systems of record) and data.agents is
-# the agent registry (agent id -> {owner, team, purpose, environment, systems}; may be empty).
+# the agent registry (agent id -> {owner, team, purpose, environment, systems}; may be empty);
+# input.agent.registration is the calling agent's entry in it.
 #
 # It must produce (and always does: anything no rule allows is denied):
 #

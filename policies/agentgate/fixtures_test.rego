@@ -10,11 +10,11 @@ import rego.v1
 
 import data.agentgate
 
-support_bot := {"id": "support-bot", "team": "support", "roles": ["support"], "claims": {}}
+support_bot := {"id": "support-bot", "team": "support", "roles": ["support"], "claims": {}, "registration": null}
 
-sales_bot := {"id": "sales-bot", "team": "sales", "roles": ["sales"], "claims": {}}
+sales_bot := {"id": "sales-bot", "team": "sales", "roles": ["sales"], "claims": {}, "registration": null}
 
-ops_bot := {"id": "ops-bot", "team": "ops", "roles": ["ops"], "claims": {}}
+ops_bot := {"id": "ops-bot", "team": "ops", "roles": ["ops"], "claims": {}, "registration": null}
 
 # A canonical request as the gateway builds it, without a body.
 request(method, host, path) := {
@@ -40,16 +40,17 @@ json_request(method, host, path, body) := object.union(
 )
 
 # The decision for a forward-proxy call (the host names the system). Tests are hermetic:
-# the agent registry is empty unless a test passes one.
+# the agent is unregistered unless a test passes a registry (input.agent.registration is the
+# agent's entry in it, as the gateway sets it).
 forward(agent, req) := registered_forward(agent, req, {})
 
 registered_forward(agent, req, registry) := d if {
-	d := agentgate.decision with input.agent as agent
+	registered := object.union(agent, {"registration": object.get(registry, agent.id, null)})
+	d := agentgate.decision with input.agent as registered
 		with input.request as req
 		with input.route as null
 		with input.tool as {"kind": "http"}
 		with input.context as {"mode": "forward", "client_ip": "127.0.0.1", "trace_id": "test"}
-		with data.agents as registry
 }
 
 # The decision for a call through a named route (the route names the system).
@@ -59,7 +60,6 @@ routed(agent, route, req) := d if {
 		with input.route as route
 		with input.tool as {"kind": "http"}
 		with input.context as {"mode": "route", "client_ip": "127.0.0.1", "trace_id": "test"}
-		with data.agents as {}
 }
 
 # The route front end's own address: in route mode the host says nothing about the system.

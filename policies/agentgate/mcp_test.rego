@@ -28,7 +28,6 @@ mcp_call(agent, route, req, tool) := d if {
 		with input.route as route
 		with input.tool as tool
 		with input.context as {"mode": "test", "client_ip": "127.0.0.1", "trace_id": "test"}
-		with data.agents as {}
 }
 
 test_mcp_granted_tool_is_allowed_and_says_why if {
@@ -159,7 +158,6 @@ catalogued_call(entry, arguments) := d if {
 		with input.route as "support-mcp"
 		with input.tool as tool
 		with input.context as {"mode": "test", "client_ip": "127.0.0.1", "trace_id": "test"}
-		with data.agents as {}
 		with data.gateway.mcp.demo.tools.custom_tool as entry
 }
 
