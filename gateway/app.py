@@ -93,12 +93,12 @@ class Gateway:
                                 spool_max_bytes=cfg.audit.spool_max_bytes, required=cfg.audit.required,
                                 fsync=cfg.audit.spool_fsync)
         await self.audit.start()
-        self.killswitches = KillSwitches(self.store)
+        self.killswitches = KillSwitches(self.store, self.verifier.registry)
         self.notifier = Notifier(cfg.approval.webhooks)
         await self.notifier.start()
         self.approvals = Approvals(self.store, cfg.approval, registry=self.verifier.registry,
                                    notify=self.notifier, scrub=scrub_value)
-        self.streams = OpenStreams()
+        self.streams = OpenStreams(self.verifier.registry)
         self.killswitches.on_kill.append(self._on_kill)
         self.sync = StateSync(self.killswitches, self.approvals, cfg.state.poll_seconds)
         await self.sync.start()

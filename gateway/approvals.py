@@ -340,7 +340,7 @@ class Approvals:
                 if approval.effective_state() not in (PENDING, APPROVED):
                     continue
                 ident = Identity(agent_id=approval.agent_id, team=approval.team or None)
-                if not switch.matches(ident):
+                if not switch.matches(ident, self.registry):
                     continue
                 denied = replace(approval, state=DENIED, decided_by=f"killswitch:{switch.id}",
                                  decided_role="operator", decided_at=time.time(),

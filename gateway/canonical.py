@@ -40,6 +40,9 @@ _MAX_DECODE_ROUNDS = 8
 # inputs are kept, so the caches stay a few MB whatever agents send.
 _MEMO_ENTRIES = 4096
 _MEMO_MAX_LEN = 256
+# C0 controls, DEL and, in UTF-8, the C1 controls U+0080..U+009F (U+0085 NEL is a line break to
+# some parsers). 0xC2 is only ever a lead byte, so "\xc2[\x80-\x9f]" matches nothing else.
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]")
 
 
 def _is_control(ch: str) -> bool:
@@ -189,6 +192,8 @@ def _normalise_escapes(raw: str) -> str:
         data = raw.encode("utf-8", errors="surrogateescape")
     except UnicodeEncodeError:
         raise BadRequest(f"invalid path {raw[:200]!r}: not encodable", code="invalid_path") from None
+    if _CONTROL_BYTES.search(data):  # raw ones: escapes are still "%XX" here
+        raise BadRequest(f"invalid path {raw[:200]!r}: control character", code="invalid_path")
     out: list[str] = []
     i = 0
     while i < len(data):
@@ -202,8 +207,6 @@ def _normalise_escapes(raw: str) -> str:
             out.append(chr(value) if value in _UNRESERVED else "%" + hex2.decode().upper())
             i += 3
             continue
-        if b < 0x20 or b == 0x7F:
-            raise BadRequest(f"invalid path {raw[:200]!r}: control character", code="invalid_path")
         out.append(chr(b) if b in _PATH_RAW else f"%{b:02X}")
         i += 1
     return "".join(out)
@@ -247,7 +250,7 @@ def _why_ambiguous(segment: str, decoded: bytes) -> str | None:
         return "encoded '\\' (%5C) in a segment"
     if b"\x00" in decoded:
         return "encoded NUL (%00)"
-    if any(b < 0x20 or b == 0x7F for b in decoded):
+    if _CONTROL_BYTES.search(decoded):
         return "encoded control character"
     # "..;x" (Tomcat path parameters), "%252e%252e" (double encoding), ".. " (IIS trimming):
     # all of these are a parent reference for some server, so none may reach an upstream.
@@ -325,9 +328,9 @@ def canonical_path(raw: str, *, literal_semicolons: bool = False) -> tuple[str, 
     Unreserved escapes are decoded and other escapes upper-cased (RFC 3986 §6.2.2), slashes
     collapsed, dot-segments resolved (§5.2.4), a trailing slash kept. Raises
     ``BadRequest`` with ``invalid_path`` (not an absolute path, malformed escape, control
-    character, not UTF-8) or ``ambiguous_path`` (encoded ``/`` ``\\`` or NUL, backslash,
-    a disguised ``..``, a segment whose NFKC form is one of these, and, unless
-    ``literal_semicolons``, a ``;`` in a segment).
+    character, not UTF-8) or ``ambiguous_path`` (encoded ``/`` ``\\``, NUL or other C0 or C1
+    control, backslash, a disguised ``..``, a segment whose NFKC form is one of these, and,
+    unless ``literal_semicolons``, a ``;`` in a segment).
 
     ``;`` starts path parameters for Tomcat, Jetty and Spring, which route ``/admin;x=1/users``
     as ``/admin/users``. ``%3B`` is refused too, as ``%2F`` is: a proxy or framework that

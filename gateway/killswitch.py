@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from gateway.models import Identity
+from gateway.registry import AgentRegistry
 from storage.state_schema import KILLSWITCH_COLUMNS, KILLSWITCHES, latest_rows
 from storage.store import Store, insert_rows
 
@@ -25,6 +26,14 @@ Scope = Literal["agent", "team", "all"]
 SCOPES: tuple[str, ...] = ("agent", "team", "all")
 _COLUMN_NAMES = tuple(n for n, _ in KILLSWITCH_COLUMNS)
 _COLUMN_TYPES = tuple(t for _, t in KILLSWITCH_COLUMNS)
+
+
+def teams_of(identity: Identity, registry: AgentRegistry | None) -> frozenset[str]:
+    """The casefolded teams a team switch stops this agent for: its token's team claim and the
+    team of its registry entry. Either suffices (fail closed): an operator who stops a team
+    expects every agent the registry lists under it to stop, whatever its token says."""
+    teams = registry.teams(identity.agent_id) if registry is not None else frozenset()
+    return (teams | {identity.team.casefold()}) if identity.team else teams
 
 
 def to_datetime(ts: float | None) -> dt.datetime | None:
@@ -55,14 +64,15 @@ class KillSwitch:
     def active(self) -> bool:
         return self.revoked_at is None
 
-    def matches(self, identity: Identity) -> bool:
+    def matches(self, identity: Identity, registry: AgentRegistry | None = None) -> bool:
         """Case-insensitively: an operator who types "Rogue-Bot" for "rogue-bot" must still stop it
-        (a switch errs towards stopping too much, never too little)."""
+        (a switch errs towards stopping too much, never too little). A team is the token's or the
+        registry's (:func:`teams_of`)."""
         if self.scope == "all":
             return True
         if self.scope == "agent":
             return identity.agent_id.casefold() == self.target.casefold()
-        return identity.team is not None and identity.team.casefold() == self.target.casefold()
+        return self.target.casefold() in teams_of(identity, registry)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "scope": self.scope, "target": self.target, "reason": self.reason,
@@ -84,8 +94,10 @@ class KillSwitch:
 class KillSwitches:
     """The active kill-switches of this replica, backed by the shared store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, registry: AgentRegistry | None = None) -> None:
         self.store = store
+        self.registry = registry
+        """The agent registry: a team switch also stops the agents it lists under that team."""
         self._all: dict[str, KillSwitch] = {}
         self._global: dict[str, KillSwitch] = {}
         self._by_agent: dict[str, dict[str, KillSwitch]] = {}
@@ -100,8 +112,10 @@ class KillSwitches:
             return switch
         if self._by_agent and (agent := self._by_agent.get(identity.agent_id.casefold())):
             return next(iter(agent.values()))
-        if identity.team is not None and self._by_team and (team := self._by_team.get(identity.team.casefold())):
-            return next(iter(team.values()))
+        if self._by_team:
+            for name in teams_of(identity, self.registry):  # one or two dict lookups
+                if team := self._by_team.get(name):
+                    return next(iter(team.values()))
         return None
 
     def active(self) -> list[KillSwitch]:

@@ -55,6 +55,11 @@ class AgentRegistry:
         self._agents: dict[str, AgentRecord] = dict(agents or {})
         self._data = {agent_id: rec.model_dump(mode="json") for agent_id, rec in self._agents.items()}
         self.source = source
+        self._teams: dict[str, frozenset[str]] = {}
+        for agent_id, record in self._agents.items():
+            if record.team:
+                key = agent_id.casefold()
+                self._teams[key] = self._teams.get(key, frozenset()) | {record.team.casefold()}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "<dict>") -> AgentRegistry:
@@ -83,6 +88,11 @@ class AgentRegistry:
 
     def get(self, agent_id: str) -> AgentRecord | None:
         return self._agents.get(agent_id)
+
+    def teams(self, agent_id: str) -> frozenset[str]:
+        """The teams (casefolded) the registry gives ``agent_id``, matched case-insensitively, in
+        one dict lookup: for kill-switches, which err towards stopping too much."""
+        return self._teams.get(agent_id.casefold(), frozenset())
 
     def __contains__(self, agent_id: object) -> bool:
         return agent_id in self._agents

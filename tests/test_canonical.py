@@ -60,6 +60,7 @@ def test_canonical_host(raw: str, expected: str) -> None:
         "example.com:8080", "[::1", "[not-ipv6]", "[fe80::1%25eth0]",
         "256.0.0.1", "1.2.3.4.5", "0x100000000", "09.1.1.1",
         "a／b.example",  # fullwidth solidus maps to "/"
+        "exa\x85mple.com", "example.com\x9f", "exa%C2%85mple.com",  # C1 controls, raw or encoded
     ],
 )
 def test_bad_hosts_are_rejected(raw: str) -> None:
@@ -132,6 +133,8 @@ def test_bad_ports_are_rejected(port: object) -> None:
         ("/a；b", "/a%EF%BC%9Bb", ["a；b"]),  # parameters are stripped from the raw path, not the NFKC form
         ("/a/b;c/../d", "/a/d", ["a", "d"]),  # the ';' segment is resolved away: not forwarded
         ("/100%25", "/100%25", ["100%"]),
+        # Next to the C1 controls (refused below) but not one: U+00A0, U+00C5 ("\xc3\x85").
+        ("/a%C2%A0b/%c3%85", "/a%C2%A0b/%C3%85", ["a\xa0b", "\xc5"]),
         ("/v1/chat/completions", "/v1/chat/completions", ["v1", "chat", "completions"]),
     ],
 )
@@ -160,6 +163,23 @@ def test_canonical_path_is_idempotent() -> None:
 def test_ambiguous_paths_are_rejected(raw: str) -> None:
     err = _rejects(canonical_path, raw, "ambiguous_path")
     assert "ambiguous path" in err.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/a%0Ab", "/a%7F", "/a%1b",  # C0 and DEL
+        # C1 (U+0080..U+009F in UTF-8): U+0085 NEL is a line break for some parsers.
+        "/a%C2%85b", "/a%c2%85b", "/%C2%80", "/x/%C2%9F/y", "/a%C2%8d%C2%8a",
+        "/a%25C2%2585b", "/a%25c2%25%38%35b",  # double-encoded
+    ],
+)
+def test_encoded_control_characters_are_rejected(raw: str) -> None:
+    """Encoded C1 controls are refused as encoded C0 ones are, on either ';' setting."""
+    err = _rejects(canonical_path, raw, "ambiguous_path")
+    assert "encoded control character" in err.message
+    with pytest.raises(BadRequest, match="encoded control character"):
+        canonical_path(raw, literal_semicolons=True)
 
 
 @pytest.mark.parametrize(
@@ -219,6 +239,8 @@ def test_ascii_segments_never_pay_for_unicode_normalisation(monkeypatch: pytest.
 @pytest.mark.parametrize(
     "raw", ["", "*", "admin", "api/x", "http://example.com/x", "/a%", "/a%2", "/a%zz", "/a%g0",
             "/a\x00b", "/a\tb", "/a\x7fb", "/%ff", "/a/%c3",
+            "/a\x85b", "/a\x80", "/\x9f/b",  # raw C1 controls, as raw C0 ones
+            "/a\udcc2\udc85b",  # the UTF-8 of U+0085 passed on as surrogate escapes
             "/a\udcffb",  # an undecodable byte passed on as a surrogate escape
             "/a\ud800b"],
 )
@@ -259,6 +281,13 @@ def test_query_without_a_raw_semicolon_passes(qs: str) -> None:
 def test_parse_query_refuses_non_utf8() -> None:
     _rejects(parse_query, "a=%ff", "invalid_query")
     _rejects(parse_query, "a=1\r\nb=2", "invalid_query")
+
+
+def test_query_controls_raw_refused_encoded_kept_c0_and_c1_alike() -> None:
+    """Unlike a path segment, a query value may hold an encoded line break: it is data, C0 or C1."""
+    for qs in ("a=\x85", "a=\x9f", "a=\x0b"):
+        _rejects(parse_query, qs, "invalid_query")
+    assert parse_query("a=%0A&b=%C2%85") == {"a": ["\n"], "b": ["\x85"]}
 
 
 def test_memoised_answers_are_the_computed_ones_and_private() -> None:

@@ -447,6 +447,16 @@ def test_registry_load(tmp_path):
         "environment": "prod", "systems": ["zendesk", "slack"]}}
 
 
+def test_registry_teams_for_kill_switches():
+    """Casefolded, ids matched case-insensitively; ids that differ only in case pool their teams."""
+    reg = AgentRegistry.from_dict({"agents": {
+        "Depot-Bot": {"owner": "a@example.com", "team": "Warehouse"},
+        "depot-bot": {"owner": "a@example.com", "team": "Returns"},
+        "loner": {"owner": "a@example.com"}}})
+    assert reg.teams("DEPOT-BOT") == reg.teams("depot-bot") == frozenset({"warehouse", "returns"})
+    assert reg.teams("loner") == reg.teams("ghost") == frozenset()
+
+
 def test_registry_errors(tmp_path):
     path = tmp_path / "agents.toml"
     path.write_text(REGISTRY_TOML + 'colour = "blue"\n')

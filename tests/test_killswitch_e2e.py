@@ -265,3 +265,97 @@ def test_a_killed_agent_opens_no_tunnel(gw: Gateway, keys: Keys, operator: str, 
         assert (row["method"], row["outcome"], row["killswitch_id"]) == ("CONNECT", "killed", switch["id"])
     finally:
         revive(gw, operator, switch["id"])
+
+
+# -- team switches and the agent registry ------------------------------------------------------
+REGISTRY = """
+[agents.depot-bot]
+owner = "wendy@example.com"
+team = "Warehouse"
+
+[agents.Crate-Bot]
+owner = "wendy@example.com"
+team = "warehouse"
+
+[agents.claims-bot]
+owner = "carl@example.com"
+team = "claims"
+"""
+
+
+@pytest.fixture(scope="module")
+def reg_gw(gateway_factory, upstream: Upstream, tmp_path_factory) -> Gateway:
+    """A gateway with an agent registry: depot-bot and Crate-Bot are listed under warehouse."""
+    registry = tmp_path_factory.mktemp("registry") / "agents.toml"
+    registry.write_text(REGISTRY)
+    return gateway_factory({"routes": {"plain": {"upstream": upstream.url}},
+                            "identity": {"registry_file": str(registry)}}, name="kill-registry")
+
+
+def test_team_switch_stops_agents_the_registry_lists_under_the_team(reg_gw: Gateway, keys: Keys,
+                                                                    operator: str) -> None:
+    """Fail closed: the token's team claim or the registry's team, either one, is enough."""
+    stopped = [("depot-bot", None), ("depot-bot", "billing"),  # no team claim; another team's claim
+               ("crate-bot", None),  # registered as Crate-Bot: ids match case-insensitively, as for agent switches
+               ("claims-bot", "warehouse")]  # registered elsewhere, but its token says warehouse
+    spared = [("claims-bot", "billing"), ("drifter", None), ("drifter", "billing")]
+    assert all(get(reg_gw, keys, a, team=t).status == 200 for a, t in stopped + spared)
+    switch = kill(reg_gw, operator, "team", "WAREHOUSE", "inventory wipe")
+    try:
+        for agent, team in stopped:
+            refused = get(reg_gw, keys, agent, team=team)
+            assert refused.status == 403, (agent, team, refused.body)
+            assert refused.json()["error"]["code"] == "agent_suspended"
+            row = reg_gw.audit_row(refused.headers[CALL_ID])
+            assert (row["outcome"], row["killswitch_id"], row["agent_id"]) == ("killed", switch["id"], agent)
+        for agent, team in spared:
+            assert get(reg_gw, keys, agent, team=team).status == 200, (agent, team)
+    finally:
+        revive(reg_gw, operator, switch["id"])
+    assert get(reg_gw, keys, "depot-bot", team=None).status == 200
+
+
+def test_team_switch_denies_held_approvals_of_registered_agents(reg_gw: Gateway, keys: Keys, operator: str) -> None:
+    lead = keys.admin_token("lead", roles=["approver", "support-lead"])
+    token = keys.token("depot-bot", roles=["writer"], team=None)  # the registry alone says warehouse
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(lambda: http("POST", reg_gw.route_url("plain", "/refunds"), body=b'{"n": 2}',
+                                        headers={"Authorization": f"Bearer {token}",
+                                                 "Content-Type": "application/json"}))
+        wait_until(lambda: any(a["agent_id"] == "depot-bot" for a in
+                               reg_gw.call_admin("GET", "/v1/approvals?state=pending", lead).json()["approvals"]),
+                   what="the held approval")
+        switch = kill(reg_gw, operator, "team", "warehouse", "runaway restock")
+        try:
+            resp = held.result(timeout=30)
+        finally:
+            revive(reg_gw, operator, switch["id"])
+    assert resp.status == 403 and resp.json()["error"]["code"] == "approval_denied", resp.body
+    denied = reg_gw.call_admin("GET", "/v1/approvals?state=denied", lead).json()["approvals"]
+    assert any(a["agent_id"] == "depot-bot" and a["decided_by"] == f"killswitch:{switch['id']}" for a in denied)
+
+
+STREAM_ROWS = "SELECT {cols} FROM agentgate.calls WHERE agent_id = 'crate-bot' AND path = '/sse-slow'"
+
+
+def test_team_switch_cuts_open_streams_of_registered_agents(reg_gw: Gateway, keys: Keys, operator: str,
+                                                            upstream: Upstream) -> None:
+    host, port = reg_gw.routes.split(":")
+    conn = HTTPConnection(host, int(port), timeout=30)
+    token = keys.token("crate-bot", team="billing")  # registered as Crate-Bot under warehouse
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(_read_stream, conn, "GET", "/r/plain/sse-slow", {"Authorization": f"Bearer {token}"})
+        wait_until(lambda: any(s.path.endswith("/sse-slow") for s in upstream.seen[-5:])
+                   and not reg_gw.sql(STREAM_ROWS.format(cols="1")),
+                   what="the stream to open")
+        switch = kill(reg_gw, operator, "team", "warehouse", "runaway restock")
+        try:
+            status, events = reading.result(timeout=30)
+        finally:
+            revive(reg_gw, operator, switch["id"])
+    conn.close()
+    assert status == 200 and 0 < len(events) < 200, "the stream must end early, not run to completion"
+    wait_until(lambda: bool(reg_gw.sql(STREAM_ROWS.format(cols="1"))),
+               what="the cut stream's audit row")
+    (row,) = reg_gw.sql(STREAM_ROWS.format(cols="outcome, killswitch_id"))
+    assert row == {"outcome": "killed", "killswitch_id": switch["id"]}

@@ -1,6 +1,6 @@
 """The ';' opt-outs end to end (routes.<name>.path_semicolons / query_semicolons and the proxy's):
 off by default; where set, ';' reaches the upstream exactly as policy saw it, and dot-segments and
-NFKC separators are still refused."""
+NFKC separators are still refused (as are encoded control characters)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,24 @@ def test_literal_semicolons_still_refuse_dot_segments_and_separators(gw: Gateway
     assert status == 400 and json.loads(body)["error"]["code"] == "ambiguous_path", body[:200]
     assert len(upstream.seen) == before
     assert gw.audit_row(headers[CALL_ID])["outcome"] == "rejected"
+
+
+@pytest.mark.parametrize("target", ["/files/a%C2%85b", "/files/%c2%9f", "/files/a%25C2%2585b"])
+def test_encoded_c1_controls_are_refused_and_audited(gw: Gateway, keys: Keys, upstream: Upstream,
+                                                     target: str) -> None:
+    """U+0080..U+009F (U+0085 NEL is a line break to some parsers), encoded once or twice, as
+    encoded C0 controls are: a JSON 400, audited, never forwarded, whatever the ';' setting."""
+    before = len(upstream.seen)
+    for route in ("default", "literal"):
+        resp = _route(gw, keys, route, target)
+        assert resp.status == 400 and resp.headers["content-type"].startswith("application/json"), resp.body
+        err = resp.json()["error"]
+        assert err["code"] == "ambiguous_path" and "encoded control character" in err["message"], err
+        row = gw.audit_row(err["call_id"])
+        assert (row["mode"], row["status"], row["outcome"], row["error_code"]) == \
+            ("route", 400, "rejected", "ambiguous_path")
+    status, headers, body = _forward(gw, keys, upstream, target)
+    assert status == 400 and json.loads(body)["error"]["code"] == "ambiguous_path", body[:200]
+    row = gw.audit_row(headers[CALL_ID])
+    assert (row["mode"], row["status"], row["outcome"]) == ("forward", 400, "rejected")
+    assert len(upstream.seen) == before
