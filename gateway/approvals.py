@@ -3,7 +3,8 @@
 A decision with ``require_approval`` holds the call: nothing reaches the upstream until a
 person with one of the decision's approver roles decides. The approval is bound to the exact
 request (a hash of agent, method, canonical URL and body); it lives in ClickHouse so replicas
-share it and a restart keeps it. If the hold ends first, the agent gets 403
+share it and a restart keeps it, and replicas holding the same request at once open one approval
+between them. If the hold ends first, the agent gets 403
 ``approval_pending``; once approved, its retry of the identical request passes exactly once.
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +25,8 @@ from gateway.errors import Forbidden, GatewayError
 from gateway.killswitch import KillSwitch, from_datetime, to_datetime
 from gateway.models import Call, Identity
 from gateway.registry import AgentRegistry
-from storage.state_schema import APPROVAL_COLUMNS, APPROVALS, claim_transition, latest_rows
+from storage.state_schema import (APPROVAL_COLUMNS, APPROVALS, ClaimNotStored, claim_transition, latest_claim,
+                                  latest_rows, newest_claims)
 from storage.store import Store, insert_rows
 
 log = logging.getLogger("agentgate.approvals")
@@ -32,6 +35,8 @@ _COLUMN_NAMES = tuple(n for n, _ in APPROVAL_COLUMNS)
 _COLUMN_TYPES = tuple(t for _, t in APPROVAL_COLUMNS)
 APPROVAL_HEADER = "X-Agentgate-Approval-Id"
 MAX_ARGUMENTS_CHARS = 4096
+KEPT_AFTER_EXPIRY = 60  # seconds an expired approval stays listed (and loaded from the store)
+MAX_SKIPPED_GENERATIONS = 100  # a bound, should a store keep answering that a claim was not stored
 
 PENDING, APPROVED, DENIED, CONSUMED = "pending", "approved", "denied", "consumed"
 
@@ -54,6 +59,11 @@ def request_hash(call: Call) -> str:
         what = hashlib.sha256(req.body).hexdigest()
     doc = json.dumps([ident.agent_id, req.route or "", req.method, url, what], separators=(",", ":"))
     return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def creation_key(agent_id: str, digest: str) -> str:
+    """The key under which the opening of an approval for this request is claimed (Approvals._create)."""
+    return f"request:{agent_id}:{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,14 +184,15 @@ class Approvals:
         assert call.identity is not None and call.decision is not None
         digest = request_hash(call)
         async with self._lock:
-            usable = self._find(call.identity.agent_id, digest)
-            if usable is not None and usable.state == APPROVED:
-                if await self._consume(usable, call):
+            approval = self._find(call.identity.agent_id, digest) or await self._create(call, digest)
+            if approval.state == APPROVED:
+                if await self._consume(approval, call):
                     return
-                usable = None  # another call (on any replica) used it, or it was denied meanwhile
-            approval = usable or await self._create(call, digest)
+                # Another call (on any replica) used it, or it was denied meanwhile.
+                approval = await self._create(call, digest)
         call.approval_id = approval.id
-        decided = await self._wait(approval.id, self.cfg.hold_seconds)
+        # An adopted approval can have been decided already: then there is nothing to wait for.
+        decided = approval.state != PENDING or await self._wait(approval.id, self.cfg.hold_seconds)
         async with self._lock:
             current = self._by_id[approval.id]
             if current.state == APPROVED and current.effective_state() == APPROVED:
@@ -218,21 +229,69 @@ class Approvals:
             call.outcome = "approved"
 
     async def _create(self, call: Call, digest: str) -> Approval:
+        """The open approval for this request: a new one, or the one another replica opened for it.
+
+        Opening is claimed once across replicas like a change (``_transition``), under the
+        request's ``creation_key`` (the agent and request digest ``_find`` matches on) and a
+        generation as the version. Generation n + 1 is claimed only once the approval of
+        generation n has ended (expired, denied or consumed): replicas that miss at the same moment
+        claim the same ``key@n+1``, the first claim is the approval and the others adopt it (same
+        id), while the same request after that approval ended opens generation n + 2. The
+        generation and the state of its approval are read from the store, not from this replica's
+        view, which lags behind other replicas and forgets approvals that expired a while ago (a
+        token from a replica's own count, or from the clock, would let racing replicas disagree).
+        """
+        assert call.identity is not None
+        key = creation_key(call.identity.agent_id, digest)
+        generation = 0
+        latest = await self.store.run(latest_claim, self.store.database, key)
+        if latest is not None:
+            generation, record = latest
+            prior = await self._newest(Approval.from_record(record))
+            if prior.effective_state() in (PENDING, APPROVED):
+                self._apply_one(prior)
+                log.info("approval %s for agent %s adopted from another replica", prior.id, prior.agent_id)
+                return prior
+        draft = self._draft(call, digest)
+        claimant = uuid.uuid4().hex
+        # A generation whose claim the table's TTL removed can still be taken (ClaimNotStored): skip it.
+        for generation in range(generation + 1, generation + 1 + MAX_SKIPPED_GENERATIONS):
+            try:
+                holder, record = await self.store.run(claim_transition, self.store.database, key, generation,
+                                                      claimant, draft.record())
+                break
+            except ClaimNotStored:
+                continue
+        else:
+            raise ClaimNotStored(f"no generation of {key} could be claimed")
+        if holder != claimant:  # another replica opened it first
+            won = Approval.from_record(record)
+            await self._persist(won)  # idempotent; covers a claimant that stopped before writing it
+            self._apply_one(won)
+            return self._by_id.get(won.id, won)
+        await self._persist(draft)
+        self._apply_one(draft)
+        log.info("approval %s pending for agent %s: %s %s%s", draft.id, draft.agent_id,
+                 draft.method, draft.host, draft.path)
+        self.notify(draft)
+        return draft
+
+    def _draft(self, call: Call, digest: str) -> Approval:
         ident, decision, req = call.identity, call.decision, call.request
         assert ident is not None and decision is not None
         now = time.time()
-        approval = Approval(
+        return Approval(
             id=f"apr_{uuid.uuid4().hex[:16]}", state=PENDING, agent_id=ident.agent_id, team=ident.team or "",
             method=req.method, host=call.canonical_host, path=call.canonical_path, route=req.route or "",
             tool_name=call.tool_name, arguments=_arguments_preview(call, self.scrub),
             reasons=tuple(decision.reasons), approvers=tuple(decision.approvers), request_hash=digest,
             call_id=call.call_id, created_at=now, expires_at=now + self.cfg.ttl_seconds)
-        await self._persist(approval)
-        self._by_id[approval.id] = approval
-        log.info("approval %s pending for agent %s: %s %s%s", approval.id, approval.agent_id,
-                 approval.method, approval.host, approval.path)
-        self.notify(approval)
-        return approval
+
+    async def _newest(self, approval: Approval) -> Approval:
+        """The newest of ``approval``, this replica's copy and the last change claimed for it."""
+        latest = await self.store.run(latest_claim, self.store.database, approval.id)
+        known = [approval, self._by_id.get(approval.id), Approval.from_record(latest[1]) if latest else None]
+        return max((a for a in known if a is not None), key=lambda a: a.version)
 
     async def _consume(self, approval: Approval, call: Call) -> bool:
         """Use the approval's one pass for ``call``; False if another call (or a denial) came first."""
@@ -363,7 +422,7 @@ class Approvals:
         self._forget_old()
 
     def _forget_old(self) -> None:
-        horizon = time.time() - 60
+        horizon = time.time() - KEPT_AFTER_EXPIRY
         for key in [k for k, a in self._by_id.items() if a.expires_at < horizon]:
             del self._by_id[key]
 
@@ -372,7 +431,25 @@ class Approvals:
         await self.store.run(insert_rows, APPROVALS, [approval.row()], db, _COLUMN_NAMES, _COLUMN_TYPES)
 
     async def refresh(self) -> None:
-        """Load approvals that can still matter (not yet expired) from the store."""
-        rows = await self.store.run(latest_rows, self.store.database, APPROVALS, _COLUMN_NAMES,
-                                    "expires_at > now64(6) - INTERVAL 60 SECOND")
-        self.apply([Approval.from_row(r) for r in rows])
+        """Load approvals that can still matter (not yet expired) from the store.
+
+        A change is claimed before its row is written (``_transition``, ``_create``), so a
+        claimant that stopped in between left the row behind its claim: claims newer than the
+        rows are applied as well, and their rows written (the same row whoever writes it, so
+        replicas repairing at once, or the claimant resuming, do no harm)."""
+        db = self.store.database
+        rows = await self.store.run(latest_rows, db, APPROVALS, _COLUMN_NAMES,
+                                    f"expires_at > now64(6) - INTERVAL {KEPT_AFTER_EXPIRY} SECOND")
+        stored = {a.id: a for a in map(Approval.from_row, rows)}
+        # An approval's changes are all claimed while it is open, within its TTL of its opening.
+        records = await self.store.run(newest_claims, db, KEPT_AFTER_EXPIRY,
+                                       math.ceil(self.cfg.ttl_seconds) + KEPT_AFTER_EXPIRY)
+        behind: dict[str, Approval] = {}  # an approval's opening and its changes: the newest stays
+        for approval in sorted(map(Approval.from_record, records), key=lambda a: a.version):
+            if approval.id not in stored or stored[approval.id].version < approval.version:
+                behind[approval.id] = approval
+        self.apply([*stored.values(), *behind.values()])
+        for approval in behind.values():
+            log.info("approval %s: version %d is claimed but not written yet; writing it", approval.id,
+                        approval.version)
+            await self._persist(approval)

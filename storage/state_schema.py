@@ -10,7 +10,11 @@ another; one pass used by two retries at once). ClickHouse has no compare-and-se
 an insert whose ``insert_deduplication_token`` it has seen (on a plain MergeTree table when
 ``non_replicated_deduplication_window`` is set; on Replicated tables through Keeper): each change
 first claims ``(approval id, new version)`` in ``approval_transitions`` with that token, and the
-claim that is stored is the one that happened (``claim_transition``).
+claim that is stored is the one that happened (``claim_transition``). Opening an approval is
+claimed the same way, under a key naming the held request (gateway/approvals.py ``creation_key``).
+
+A claimant that stops after its claim leaves the approvals row behind: readers also take the
+newest claims (``newest_claims``) and write the rows they find missing.
 """
 
 from __future__ import annotations
@@ -112,6 +116,11 @@ def transitions_ddl(database: str) -> str:
             "version) is the change that happened; record holds the approval as it became'")
 
 
+class ClaimNotStored(RuntimeError):
+    """The claim was dropped as a duplicate, yet no claim under its token is stored: ClickHouse
+    still remembers the token of a claim that the table's TTL has removed since."""
+
+
 def claim_transition(client: Any, database: str, approval_id: str, version: int, claimant: str,
                      record: str) -> tuple[str, str]:
     """Claim the change of ``approval_id`` to ``version``; (claimant, record) of the claim that holds.
@@ -129,8 +138,27 @@ def claim_transition(client: Any, database: str, approval_id: str, version: int,
         "WHERE approval_id = {id:String} AND version = {v:UInt64} ORDER BY claimed_at, claimant LIMIT 1",
         parameters={"id": approval_id, "v": version}).result_rows
     if not rows:
-        raise RuntimeError(f"the claim of approval {approval_id} version {version} was not stored")
+        raise ClaimNotStored(f"the claim of approval {approval_id} version {version} was not stored")
     return str(rows[0][0]), str(rows[0][1])
+
+
+def latest_claim(client: Any, database: str, approval_id: str) -> tuple[int, str] | None:
+    """(version, record) of the highest version claimed under ``approval_id``, if any. A store call."""
+    rows = client.query(
+        f"SELECT version, record FROM {database}.{TRANSITIONS} WHERE approval_id = {{id:String}} "
+        "ORDER BY version DESC, claimed_at, claimant LIMIT 1", parameters={"id": approval_id}).result_rows
+    return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+
+def newest_claims(client: Any, database: str, expired_for: int, claimed_within: int) -> list[str]:
+    """The record of the highest version claimed under every key in the last ``claimed_within``
+    seconds, for approvals that expire later than ``expired_for`` seconds ago. A store call."""
+    return [str(r[0]) for r in client.query(
+        f"SELECT record FROM {database}.{TRANSITIONS} "
+        "WHERE claimed_at > now64(6) - toIntervalSecond({c:UInt64}) "
+        "AND JSONExtractFloat(record, 'expires_at') > toUnixTimestamp64Micro(now64(6)) / 1e6 - {e:UInt64} "
+        "ORDER BY approval_id, version DESC, claimed_at, claimant LIMIT 1 BY approval_id",
+        parameters={"c": claimed_within, "e": expired_for}).result_rows]
 
 
 def latest_rows(client: Any, database: str, table: str, names: tuple[str, ...],

@@ -13,6 +13,7 @@ from tests.clickhouse_fixture import ClickHouseFixture
 from tests.conftest import Gateway, Keys, Response, Upstream, http, wait_until
 
 CALL_ID = "x-agentgate-call-id"
+APPROVAL_ID = "x-agentgate-approval-id"
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,18 @@ def _pending_on_both(a: Gateway, b: Gateway, lead: str, agent: str) -> str:
                 if x["agent_id"] == agent]
     wait_until(lambda: len(ids(a)) == 1 and ids(a) == ids(b), timeout=10, what="both replicas to see the hold")
     return ids(a)[0]
+
+
+def test_one_request_held_on_both_replicas_at_once_opens_one_approval(quick_replicas, keys: Keys) -> None:
+    a, b = quick_replicas
+    lead = keys.admin_token("lead", roles=["approver", "support-lead"])
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(_refund, gw, keys, "both-bot", b'{"id": "b1"}') for gw in (a, b)]
+        responses = [r.result(30) for r in held]
+    assert [(r.status, r.json()["error"]["code"]) for r in responses] == [(403, "approval_pending")] * 2
+    ids = {r.headers[APPROVAL_ID] for r in responses}
+    assert len(ids) == 1, ids  # both callers were told the one approval to wait on
+    assert _pending_on_both(a, b, lead, "both-bot") == ids.pop()
 
 
 def test_approve_on_one_and_deny_on_the_other_at_once(quick_replicas, keys: Keys) -> None:
