@@ -228,6 +228,14 @@ class ApprovalConfig(_Section):
     """Admin JWT claim limiting an approver to the listed teams (absent: all teams)."""
     webhooks: list[WebhookConfig] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _hold_within_ttl(self) -> "ApprovalConfig":
+        # A call held past its approval's lifetime would wait on an approval that is gone.
+        if self.hold_seconds > self.ttl_seconds:
+            raise ValueError(f"hold_seconds ({self.hold_seconds:g}) must not exceed ttl_seconds "
+                             f"({self.ttl_seconds:g}): a held call would outlive its approval")
+        return self
+
 
 class StateConfig(_Section):
     poll_seconds: float = Field(default=0.25, gt=0, le=5)

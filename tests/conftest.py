@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -417,3 +418,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def pending_approvals(gw: Gateway, token: str, agent: str) -> list[dict[str, Any]]:
+    """The pending approvals of ``agent``, as ``gw``'s admin API lists them."""
+    listed = gw.call_admin("GET", "/v1/approvals?state=pending", token).json()["approvals"]
+    return [a for a in listed if a["agent_id"] == agent]
+
+
+def hold_refund(pool: ThreadPoolExecutor, gw: Gateway, token: str, *, agent: str, lead: str, body: bytes,
+                seen_on: Gateway | None = None, timeout: float = 20.0) -> tuple[Future, dict[str, Any]]:
+    """POST ``/r/plain/refunds`` (held for approval by the test policy) from ``pool``; return the
+    pending call and its approval once ``seen_on`` (default: ``gw``) lists it."""
+    held = pool.submit(lambda: http("POST", gw.route_url("plain", "/refunds"), body=body,
+                                    headers={"Authorization": f"Bearer {token}",
+                                             "Content-Type": "application/json"}))
+    watcher = seen_on or gw
+    wait_until(lambda: bool(pending_approvals(watcher, lead, agent)), timeout=timeout,
+               what=f"the approval held for {agent}")
+    (approval,) = pending_approvals(watcher, lead, agent)
+    return held, approval

@@ -75,6 +75,9 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert env_bad.returncode == 2 and "policy.timeout_seconds" in env_bad.stderr
     missing = agentgate("run", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2 and "not found" in missing.stderr
+    outlived = agentgate("run", env={"AGENTGATE_APPROVAL__HOLD_SECONDS": "120",
+                                     "AGENTGATE_APPROVAL__TTL_SECONDS": "60"})
+    assert outlived.returncode == 2 and "hold_seconds (120) must not exceed ttl_seconds (60)" in outlived.stderr
 
 
 def test_token_mint_admin_tokens_and_lifetime(tmp_path: Path) -> None:

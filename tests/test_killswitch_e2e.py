@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Gateway, Keys, Upstream, http, wait_until
+from tests.conftest import ROOT, Gateway, Keys, Upstream, hold_refund, http, wait_until
 
 CALL_ID = "x-agentgate-call-id"
 
@@ -155,12 +155,8 @@ def test_kill_cuts_open_stream(gw: Gateway, keys: Keys, operator: str, upstream:
 def test_kill_denies_held_approvals(gw: Gateway, keys: Keys, operator: str, upstream: Upstream) -> None:
     lead = keys.admin_token("lead", roles=["approver", "support-lead"])
     with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(lambda: http("POST", gw.route_url("plain", "/refunds"), body=b'{"n": 1}',
-                                        headers={"Authorization": f"Bearer {keys.token('held-bot', roles=['writer'])}",
-                                                 "Content-Type": "application/json"}))
-        wait_until(lambda: any(a["agent_id"] == "held-bot" for a in
-                               gw.call_admin("GET", "/v1/approvals?state=pending", lead).json()["approvals"]),
-                   what="the held approval")
+        held, _ = hold_refund(pool, gw, keys.token("held-bot", roles=["writer"]), agent="held-bot", lead=lead,
+                              body=b'{"n": 1}')
         switch = kill(gw, operator, "agent", "held-bot", "runaway refunds")
         resp = held.result(timeout=30)
     assert resp.status == 403
@@ -319,12 +315,7 @@ def test_team_switch_denies_held_approvals_of_registered_agents(reg_gw: Gateway,
     lead = keys.admin_token("lead", roles=["approver", "support-lead"])
     token = keys.token("depot-bot", roles=["writer"], team=None)  # the registry alone says warehouse
     with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(lambda: http("POST", reg_gw.route_url("plain", "/refunds"), body=b'{"n": 2}',
-                                        headers={"Authorization": f"Bearer {token}",
-                                                 "Content-Type": "application/json"}))
-        wait_until(lambda: any(a["agent_id"] == "depot-bot" for a in
-                               reg_gw.call_admin("GET", "/v1/approvals?state=pending", lead).json()["approvals"]),
-                   what="the held approval")
+        held, _ = hold_refund(pool, reg_gw, token, agent="depot-bot", lead=lead, body=b'{"n": 2}')
         switch = kill(reg_gw, operator, "team", "warehouse", "runaway restock")
         try:
             resp = held.result(timeout=30)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.clickhouse_fixture import ClickHouseFixture
-from tests.conftest import Gateway, Keys, Response, Upstream, http, wait_until
+from tests.conftest import Gateway, Keys, Response, Upstream, hold_refund, http, wait_until
 
 CALL_ID = "x-agentgate-call-id"
 APPROVAL_ID = "x-agentgate-approval-id"
@@ -54,14 +54,8 @@ def test_call_held_on_a_is_released_by_approval_on_b(replicas, keys: Keys, upstr
     lead = keys.admin_token("lead", roles=["approver", "support-lead"])
     before = sum(1 for s in upstream.seen if s.path == "/refunds")
     with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(lambda: http("POST", a.route_url("plain", "/refunds"), body=b'{"id": "r1"}',
-                                        headers={"Authorization": f"Bearer {keys.token('payer', roles=['writer'])}",
-                                                 "Content-Type": "application/json"}))
-        wait_until(lambda: any(x["agent_id"] == "payer" for x in
-                               b.call_admin("GET", "/v1/approvals?state=pending", lead).json()["approvals"]),
-                   timeout=10, what="replica B to see the approval held on A")
-        (approval,) = [x for x in b.call_admin("GET", "/v1/approvals?state=pending", lead).json()["approvals"]
-                       if x["agent_id"] == "payer"]
+        held, approval = hold_refund(pool, a, keys.token("payer", roles=["writer"]), agent="payer", lead=lead,
+                                     body=b'{"id": "r1"}', seen_on=b, timeout=10)
         assert b.call_admin("POST", f"/v1/approvals/{approval['id']}/approve", lead, {"reason": "ok"}).status == 200
         resp = held.result(timeout=30)
     assert resp.status == 200
