@@ -450,6 +450,6 @@ class Approvals:
                 behind[approval.id] = approval
         self.apply([*stored.values(), *behind.values()])
         for approval in behind.values():
-            log.info("approval %s: version %d is claimed but not written yet; writing it", approval.id,
-                        approval.version)
+            log.info("approval %s: version %d is claimed but not written yet; writing it",
+                     approval.id, approval.version)
             await self._persist(approval)

@@ -64,7 +64,7 @@ class KillSwitch:
     def active(self) -> bool:
         return self.revoked_at is None
 
-    def matches(self, identity: Identity, registry: AgentRegistry | None = None) -> bool:
+    def matches(self, identity: Identity, registry: AgentRegistry | None) -> bool:
         """Case-insensitively: an operator who types "Rogue-Bot" for "rogue-bot" must still stop it
         (a switch errs towards stopping too much, never too little). A team is the token's or the
         registry's (:func:`teams_of`)."""
@@ -94,7 +94,7 @@ class KillSwitch:
 class KillSwitches:
     """The active kill-switches of this replica, backed by the shared store."""
 
-    def __init__(self, store: Store, registry: AgentRegistry | None = None) -> None:
+    def __init__(self, store: Store, registry: AgentRegistry | None) -> None:
         self.store = store
         self.registry = registry
         """The agent registry: a team switch also stops the agents it lists under that team."""

@@ -13,7 +13,7 @@ log = logging.getLogger("agentgate.streams")
 
 
 class OpenStreams:
-    def __init__(self, registry: AgentRegistry | None = None) -> None:
+    def __init__(self, registry: AgentRegistry | None) -> None:
         self._open: dict[str, tuple[Call, Callable[[], None]]] = {}
         self.registry = registry  # a team switch cuts the streams of the agents it lists there too
 
