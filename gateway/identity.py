@@ -70,6 +70,7 @@ TOKEN_LIFETIME_TOO_LONG = "token_lifetime_too_long"
 MISSING_CLAIM = "missing_claim"
 UNKNOWN_KEY = "unknown_key"
 UNREGISTERED_AGENT = "unregistered_agent"
+AGENT_ID_CASE_MISMATCH = "agent_id_case_mismatch"
 
 
 class IdentityError(Unauthenticated):
@@ -594,10 +595,17 @@ class JwtVerifier:
         )
 
     def _check_registered(self, identity: Identity) -> None:
-        if self.cfg.require_registered_agents and (
-            self.registry is None or identity.agent_id not in self.registry
-        ):
-            raise UnregisteredAgent(f"agent {identity.agent_id[:128]!r} is not registered")
+        registry, agent_id = self.registry, identity.agent_id
+        if registry is not None and agent_id not in registry:
+            listed = registry.listed_as(agent_id)
+            if listed is not None:
+                # Kill-switches would stop this agent as the listed one, but policy would not see
+                # its registration (input.agent.registration): refuse rather than judge it unlisted.
+                raise Forbidden(f"agent {agent_id[:128]!r} is registered as {listed[:128]!r}: the token's "
+                                "agent id must match the registry exactly", code=AGENT_ID_CASE_MISMATCH,
+                                outcome="denied")
+        if self.cfg.require_registered_agents and (registry is None or agent_id not in registry):
+            raise UnregisteredAgent(f"agent {agent_id[:128]!r} is not registered")
 
     # JWKS -----------------------------------------------------------------------------
     async def _jwks_keep_fresh(self) -> None:

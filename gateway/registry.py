@@ -54,11 +54,9 @@ class AgentRegistry:
         self._agents: dict[str, AgentRecord] = dict(agents or {})
         self._data = {agent_id: rec.model_dump(mode="json") for agent_id, rec in self._agents.items()}
         self.source = source
-        self._teams: dict[str, frozenset[str]] = {}
-        for agent_id, record in self._agents.items():
-            if record.team:
-                key = agent_id.casefold()
-                self._teams[key] = self._teams.get(key, frozenset()) | {record.team.casefold()}
+        self._folded = {agent_id.casefold(): agent_id for agent_id in self._agents}
+        self._teams = {agent_id.casefold(): frozenset({record.team.casefold()})
+                       for agent_id, record in self._agents.items() if record.team}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "<dict>") -> AgentRegistry:
@@ -67,9 +65,13 @@ class AgentRegistry:
             parsed = _RegistryFile.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError(_format_errors(exc, source)) from None
+        seen: dict[str, str] = {}
         for agent_id in parsed.agents:
             if not agent_id.strip():
                 raise ConfigError(f"invalid agent registry ({source}): agents: empty agent id")
+            if (other := seen.setdefault(agent_id.casefold(), agent_id)) != agent_id:
+                raise ConfigError(f"invalid agent registry ({source}): agents {other!r} and {agent_id!r} differ "
+                                  "only in case (kill-switches match agent ids case-insensitively)")
         return cls(parsed.agents, source=source)
 
     @classmethod
@@ -87,6 +89,10 @@ class AgentRegistry:
 
     def get(self, agent_id: str) -> AgentRecord | None:
         return self._agents.get(agent_id)
+
+    def listed_as(self, agent_id: str) -> str | None:
+        """The listed id that ``agent_id`` matches case-insensitively, or None."""
+        return self._folded.get(agent_id.casefold())
 
     def teams(self, agent_id: str) -> frozenset[str]:
         """The teams (casefolded) the registry gives ``agent_id``, matched case-insensitively, in

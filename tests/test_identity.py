@@ -448,12 +448,12 @@ def test_registry_load(tmp_path):
 
 
 def test_registry_teams_for_kill_switches():
-    """Casefolded, ids matched case-insensitively; ids that differ only in case pool their teams."""
+    """Casefolded, ids matched case-insensitively (a registry cannot list ids that differ only
+    in case: test_agent_id_differing_from_the_registry_only_in_case_is_refused)."""
     reg = AgentRegistry.from_dict({"agents": {
         "Depot-Bot": {"owner": "a@example.com", "team": "Warehouse"},
-        "depot-bot": {"owner": "a@example.com", "team": "Returns"},
         "loner": {"owner": "a@example.com"}}})
-    assert reg.teams("DEPOT-BOT") == reg.teams("depot-bot") == frozenset({"warehouse", "returns"})
+    assert reg.teams("DEPOT-BOT") == reg.teams("depot-bot") == frozenset({"warehouse"})
     assert reg.teams("loner") == reg.teams("ghost") == frozenset()
 
 
@@ -473,6 +473,29 @@ def test_registry_errors(tmp_path):
         AgentRegistry.load(path)
     with pytest.raises(ConfigError, match="not found"):
         AgentRegistry.load(tmp_path / "missing.toml")
+
+
+async def test_agent_id_differing_from_the_registry_only_in_case_is_refused(tmp_path, make_verifier, ed_key):
+    """Kill-switches match agent ids case-insensitively; policy reads the registration by the
+    exact id. A token whose id matches a registered agent only case-insensitively would be
+    stopped as that agent but judged as an unregistered one (its registered systems not
+    applied): it is refused, with or without require_registered_agents."""
+    reg_file = tmp_path / "agents.toml"
+    reg_file.write_text(REGISTRY_TOML)
+    upper = sign(ed_key.private, "EdDSA", claims(sub="Support-Bot"))
+    for required in (False, True):
+        verifier = make_verifier(IdentityConfig(algorithms=["EdDSA"], registry_file=reg_file,
+                                                require_registered_agents=required),
+                                 dev_public_key_pem=ed_key.public_pem)
+        for _ in range(2):  # and from the token cache
+            with pytest.raises(GatewayError) as info:
+                await verifier.verify(upper)
+            assert (info.value.status, info.value.code, info.value.outcome) == (403, "agent_id_case_mismatch", "denied")
+            assert "'support-bot'" in info.value.message
+        assert (await verifier.verify(sign(ed_key.private, "EdDSA"))).agent_id == "support-bot"
+    (tmp_path / "twins.toml").write_text('[agents.Bot]\nowner = "a@example.com"\n[agents.bot]\nowner = "b@example.com"\n')
+    with pytest.raises(ConfigError, match="'Bot' and 'bot' differ only in case"):
+        AgentRegistry.load(tmp_path / "twins.toml")
 
 
 async def test_registry_required(tmp_path, make_verifier, ed_key):

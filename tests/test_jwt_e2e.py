@@ -124,6 +124,10 @@ def test_unregistered_agent_refused_when_registry_required(gateway_factory, keys
     assert stranger.json()["error"]["code"] == "unregistered_agent"
     row = gw.audit_row(stranger.headers[CALL_ID])
     assert row["error_code"] == "unregistered_agent"
+    # Known-Bot is known-bot to a kill-switch, but not to policy: refused, and audited as such.
+    twin = http("GET", gw.route_url("plain", "/x"), headers={"Authorization": f"Bearer {keys.token('Known-Bot')}"})
+    assert twin.status == 403 and twin.json()["error"]["code"] == "agent_id_case_mismatch"
+    assert gw.audit_row(twin.headers[CALL_ID])["error_code"] == "agent_id_case_mismatch"
 
 
 def test_forward_proxy_refuses_admin_and_overlong_tokens(gw: Gateway, keys: Keys, upstream: Upstream) -> None:

@@ -292,7 +292,7 @@ def test_team_switch_stops_agents_the_registry_lists_under_the_team(reg_gw: Gate
                                                                     operator: str) -> None:
     """Fail closed: the token's team claim or the registry's team, either one, is enough."""
     stopped = [("depot-bot", None), ("depot-bot", "billing"),  # no team claim; another team's claim
-               ("crate-bot", None),  # registered as Crate-Bot: ids match case-insensitively, as for agent switches
+               ("Crate-Bot", None),  # listed under "warehouse": team names match case-insensitively
                ("claims-bot", "warehouse")]  # registered elsewhere, but its token says warehouse
     spared = [("claims-bot", "billing"), ("drifter", None), ("drifter", "billing")]
     assert all(get(reg_gw, keys, a, team=t).status == 200 for a, t in stopped + spared)
@@ -326,14 +326,14 @@ def test_team_switch_denies_held_approvals_of_registered_agents(reg_gw: Gateway,
     assert any(a["agent_id"] == "depot-bot" and a["decided_by"] == f"killswitch:{switch['id']}" for a in denied)
 
 
-STREAM_ROWS = "SELECT {cols} FROM agentgate.calls WHERE agent_id = 'crate-bot' AND path = '/sse-slow'"
+STREAM_ROWS = "SELECT {cols} FROM agentgate.calls WHERE agent_id = 'Crate-Bot' AND path = '/sse-slow'"
 
 
 def test_team_switch_cuts_open_streams_of_registered_agents(reg_gw: Gateway, keys: Keys, operator: str,
                                                             upstream: Upstream) -> None:
     host, port = reg_gw.routes.split(":")
     conn = HTTPConnection(host, int(port), timeout=30)
-    token = keys.token("crate-bot", team="billing")  # registered as Crate-Bot under warehouse
+    token = keys.token("Crate-Bot", team="billing")  # registered under warehouse
     with ThreadPoolExecutor(1) as pool:
         reading = pool.submit(_read_stream, conn, "GET", "/r/plain/sse-slow", {"Authorization": f"Bearer {token}"})
         wait_until(lambda: any(s.path.endswith("/sse-slow") for s in upstream.seen[-5:])
