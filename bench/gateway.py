@@ -130,7 +130,7 @@ def start_gateway(workdir: Path, keys: Keys, *, upstream_http: str, upstream_ca:
                   cpus: set[int] | None, store_cpus: set[int] | None,
                   audit: dict[str, Any] | None = None) -> GatewayProcess:
     """Start the gateway on ``cpus``; its store process (chDB), like a ClickHouse server would
-    be, goes to ``store_cpus``. ``audit``: settings over the defaults (route-nosync)."""
+    be, goes to ``store_cpus``. ``audit``: settings over the defaults (route-fsync)."""
     workdir.mkdir(parents=True, exist_ok=True)
     doc = config_doc(workdir, keys, upstream_http=upstream_http, upstream_ca=upstream_ca, audit=audit)
     config = workdir / "agentgate.toml"

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIGS = ("direct", "direct-tls", "route", "route-new", "route-nosync", "redact", "redact-large", "forward", "mitm",
+CONFIGS = ("direct", "direct-tls", "route", "route-new", "route-fsync", "redact", "redact-large", "forward", "mitm",
            "lag")
 """Configurations in run order (``--only`` picks among them)."""
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -80,8 +80,8 @@ class Run:
         if config == "route":
             return [Scenario("route", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid, audited=True,
                              baseline="direct") for w in (GET, POST)]
-        if config == "route-nosync":
-            return [Scenario("route-nosync", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid,
+        if config == "route-fsync":
+            return [Scenario("route-fsync", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid,
                              audited=True, baseline="direct") for w in (GET, POST)]
         if config == "route-new":
             return [Scenario("route-new", w, gw.route_url(w.path), headers=auth, pid=gw.pid, store_pid=gw.store_pid,
@@ -183,8 +183,8 @@ class Run:
             await self._guard("mitm start", self._start_mitm)
             if self.mitm is None:
                 return
-        if config == "route-nosync":  # a gateway of its own: the same, without fsync in the spool
-            gw = self._start_gateway("gateway-nosync", audit={"spool_fsync": False})
+        if config == "route-fsync":  # a gateway of its own: the same, syncing each record before forwarding
+            gw = self._start_gateway("gateway-fsync", audit={"spool_fsync": "before_forward"})
             if gw is None:
                 return
             env = dataclasses.replace(env, gateway=gw)
@@ -203,7 +203,7 @@ class Run:
         finally:
             if config == "mitm" and self.mitm is not None:
                 self.mitm.stop()
-            if config == "route-nosync" and gw is not None:
+            if config == "route-fsync" and gw is not None:
                 gw.stop()
 
     async def _start_mitm(self) -> None:

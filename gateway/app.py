@@ -91,7 +91,8 @@ class Gateway:
                                 batch_size=cfg.audit.batch_size,
                                 flush_interval_seconds=cfg.audit.flush_interval_seconds,
                                 spool_max_bytes=cfg.audit.spool_max_bytes, required=cfg.audit.required,
-                                fsync=cfg.audit.spool_fsync)
+                                fsync=cfg.audit.spool_fsync,
+                                fsync_interval_seconds=cfg.audit.spool_fsync_interval_seconds)
         await self.audit.start()
         self.killswitches = KillSwitches(self.store, self.verifier.registry)
         self.notifier = Notifier(cfg.approval.webhooks)

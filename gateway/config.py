@@ -134,8 +134,20 @@ class AuditConfig(_Section):
     """Disk quota of the write-ahead spool in <data_dir>/spool (backlog while ClickHouse is away)."""
     required: bool = False
     """True: refuse new calls (503 audit_unavailable) when the spool cannot take their record."""
-    spool_fsync: bool = True
-    """fsync each group commit (off: survives kill -9 but not power loss)."""
+    spool_fsync: Literal["before_forward", "interval", "off"] = "interval"
+    """When a call's write-ahead record is fsync'd (storage.spool.SYNC_MODES): ``before_forward``
+    (the call waits for the disk: survives a power loss), ``interval`` (written before the call
+    goes upstream, fsync'd within ``spool_fsync_interval_seconds``: survives a gateway crash, and
+    a power loss but for that last interval) or ``off`` (survives a gateway crash). ``true`` and
+    ``false`` (the settings of earlier versions) mean ``before_forward`` and ``off``."""
+    spool_fsync_interval_seconds: float = Field(default=0.02, gt=0, le=1)
+    """``interval``: how long a written record may wait for its fsync."""
+
+    @field_validator("spool_fsync", mode="before")
+    @classmethod
+    def _fsync_bool(cls, v: Any) -> Any:
+        legacy = {True: "before_forward", False: "off", "true": "before_forward", "false": "off"}
+        return legacy.get(v.lower() if isinstance(v, str) else v, v) if isinstance(v, (bool, str)) else v
     chdb_process: bool = True
     """Embedded chDB runs in a child process (its memory, merges and crashes stay out of the
     proxy's); false: in the gateway process. Ignored for a ClickHouse server DSN."""

@@ -6,7 +6,7 @@ Front ends translate their own request/response objects and call, in this order:
 
 * ``admit(call, credential)``: identity (then MCP recognition), kill-switch, policy (which also
   compiles the response redaction the decision asks for), approval, and the write-ahead audit
-  record that must be durable before anything goes upstream; raises :class:`GatewayError` to refuse;
+  record that must be in the spool before anything goes upstream; raises :class:`GatewayError` to refuse;
 * the upstream exchange: ``run()`` does it for the route front end with :class:`Upstream`;
   the forward proxy lets mitmproxy do it (that is what TLS interception is for);
 * ``redact(call, body, ...)`` on buffered responses, or ``call.redaction.sse()`` event by event
@@ -302,7 +302,8 @@ class Pipeline:
             call.redaction_counts[kind] = call.redaction_counts.get(kind, 0) + n
 
     async def _write_ahead(self, call: Call) -> None:
-        """No action reaches an upstream without a durable record of it."""
+        """No action reaches an upstream without a record of it in the spool (fsync'd as
+        ``audit.spool_fsync`` says: storage/spool/__init__.py)."""
         try:
             await self.audit.begin(call_to_row(call, instance=self.instance))
         except AuditUnavailable as exc:

@@ -38,10 +38,12 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 def spool(store: Store, tmp_path: Path, *, instance: str = GW, **kw: Any) -> AuditSpool:
-    """A spool in ``tmp_path/spool`` with test-friendly timings (not started)."""
+    """A spool in ``tmp_path/spool`` with test-friendly timings, fsync'd before each begin
+    returns unless ``fsync`` says otherwise (not started)."""
     kw.setdefault("flush_interval_seconds", 0.02)
     kw.setdefault("retry_min_seconds", 0.01)
     kw.setdefault("begin_timeout_seconds", 30)  # a loaded test machine can be slow to fsync
+    kw.setdefault("fsync", "before_forward")  # the strictest mode: a begin returns once synced
     return AuditSpool(store, tmp_path / "spool", instance=instance, **kw)
 
 

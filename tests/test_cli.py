@@ -80,6 +80,23 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert outlived.returncode == 2 and "hold_seconds (120) must not exceed ttl_seconds (60)" in outlived.stderr
 
 
+def test_spool_fsync_modes_and_the_booleans_of_earlier_versions(tmp_path: Path) -> None:
+    def fsync_of(text: str) -> tuple[str, float]:
+        path = tmp_path / "audit.toml"
+        path.write_text(f"[audit]\n{text}\n")
+        audit = load_config(path).audit
+        return audit.spool_fsync, audit.spool_fsync_interval_seconds
+
+    assert fsync_of("") == ("interval", 0.02)  # the default: written before forwarding, synced within 20 ms
+    assert fsync_of("spool_fsync = true")[0] == "before_forward"
+    assert fsync_of("spool_fsync = false")[0] == "off"
+    assert fsync_of('spool_fsync = "before_forward"\nspool_fsync_interval_seconds = 0.5') == ("before_forward", 0.5)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[audit]\nspool_fsync = "always"\n')
+    out = agentgate("run", "--config", str(bad))
+    assert out.returncode == 2 and "audit.spool_fsync" in out.stderr and "before_forward" in out.stderr
+
+
 def test_token_mint_admin_tokens_and_lifetime(tmp_path: Path) -> None:
     """`token mint --admin` is for the admin API's audience only; a --ttl the gateway would refuse
     is refused at once."""

@@ -91,6 +91,97 @@ async def test_group_commit_shares_fsyncs(store: Store, tmp_path: Path, monkeypa
         await sp.close()
 
 
+# ------------------------------------------------------------------ fsync "interval"
+@contextlib.contextmanager
+def blocked_fdatasync(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Every fdatasync of the spool blocks (on the writer's thread) until released; yields
+    (entered: a sync has started, release)."""
+    entered, released = threading.Event(), threading.Event()
+    real = segments_mod._fdatasync
+
+    def held(fd: int) -> None:
+        entered.set()
+        released.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(segments_mod, "_fdatasync", held)
+    try:
+        yield entered, released.set
+    finally:
+        released.set()
+
+
+async def test_interval_begin_returns_once_written_and_the_sync_follows(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under "interval" a call is forwarded once its record is in the segment, without waiting
+    for the disk (whose fdatasync here never finishes); the sync follows within the interval."""
+    sp = spool(store, tmp_path, fsync="interval", fsync_interval_seconds=0.05)
+    await sp.start()
+    try:
+        with blocked_fdatasync(monkeypatch) as (entered, release):
+            rows = [row() for _ in range(8)]
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(sp.begin(r) for r in rows))
+            assert {cid for kind, cid in records(sp.directory) if kind == BEGIN} == \
+                {r[COL["call_id"]].bytes for r in rows}
+            assert await asyncio.to_thread(entered.wait, 10), "no fdatasync after the interval"
+            release()
+        await wait_until(lambda: sp._log is not None and not sp._log.unsynced)
+        assert sp.fsyncs >= 1 and sp.healthy
+    finally:
+        await sp.close()
+
+
+async def test_interval_syncs_while_writes_keep_coming(store: Store, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A steady stream of calls never leaves the writer idle: the sync still comes within the
+    interval, between groups, not only once the calls stop."""
+    synced: list[int] = []
+    real = segments_mod._fdatasync
+    monkeypatch.setattr(segments_mod, "_fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    sp = spool(store, tmp_path, fsync="interval", fsync_interval_seconds=0.02)
+    await sp.start()
+    try:
+        n = 0
+        async with asyncio.timeout(20):
+            while not synced and n < 100_000:
+                await sp.begin(row())
+                n += 1
+        assert synced, f"{n} calls written and never synced"
+        assert n > 1 and sp.begins == n
+    finally:
+        await sp.close()
+
+
+async def test_interval_sync_failure_is_unhealthy_and_refuses_required_calls(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = segments_mod._fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    sp = spool(store, tmp_path, fsync="interval", fsync_interval_seconds=0.02, required=True)
+    await sp.start()
+    try:
+        monkeypatch.setattr(segments_mod, "_fdatasync", failing)
+        await sp.begin(row())
+        await wait_until(lambda: not sp.healthy)
+        assert sp.status()["synced"] is False
+        with pytest.raises(AuditUnavailable, match="cannot be synced"):
+            await sp.begin(row())
+        monkeypatch.setattr(segments_mod, "_fdatasync", real)  # the disk is back
+        await wait_until(lambda: sp.healthy)  # the failed sync is tried again
+        assert sp._log is not None and not sp._log.unsynced
+        await sp.begin(row())
+    finally:
+        await sp.close()
+
+
+def test_sync_modes_are_checked() -> None:
+    with pytest.raises(ValueError, match="before_forward, interval, off"):
+        AuditSpool(down_store(), Path("/nonexistent"), instance="x", fsync="always")  # type: ignore[arg-type]
+
+
 @dataclasses.dataclass
 class WriteOnDisk:
     """A spool whose first write (one row, with a flush waiting on it) is held inside fdatasync."""
@@ -355,7 +446,7 @@ async def test_commits_write_into_preallocated_space(store: Store, tmp_path: Pat
 
 
 async def test_no_preallocation_without_fsync(store: Store, tmp_path: Path) -> None:
-    sp = spool(store, tmp_path, fsync=False)
+    sp = spool(store, tmp_path, fsync="off")
     await sp.start()
     await sp.begin(row())
     await sp.sync(timeout=10)

@@ -1,4 +1,4 @@
-"""Write-ahead audit spool: no call reaches an upstream without a durable record of it.
+"""Write-ahead audit spool: no call reaches an upstream without a record of it on disk.
 
 Layout under ``<data_dir>/spool/``::
 
@@ -14,16 +14,21 @@ Payloads are JSON arrays in header column order (UUID as text, DateTime64 as mic
 
 Request path (event loop):
 
-* :meth:`AuditSpool.begin` appends a BEGIN and returns once it is fsync'd. Group commit: a
-  writer task takes whatever records arrived, writes them in one ``write`` and one
-  ``fdatasync`` on a dedicated thread, then resolves every waiting begin; records arriving
-  meanwhile form the next group.
+* :meth:`AuditSpool.begin` appends a BEGIN and returns once it is written. Group commit: a
+  writer task takes whatever records arrived, writes them in one ``write`` on a dedicated
+  thread, then resolves every waiting begin; records arriving meanwhile form the next group.
+  When the record is fsync'd is ``fsync`` (``SYNC_MODES``): before the begin returns
+  (``before_forward``: one ``fdatasync`` per group, the call waits for the disk), within
+  ``fsync_interval_seconds`` after it (``interval``, the default: the sync follows a group, or
+  a timer when writes stop, and no call waits for it), or when the segment is closed (``off``).
+  A written record survives a crash of the gateway (the kernel has it); only a synced one
+  survives a power loss or a kernel crash.
 * :meth:`AuditSpool.submit` (the completed row) seals the row into its instance's hash chain
   (storage/chain.py) and appends a COMPLETE without waiting; it is synced with the next group,
   or within ``flush_interval_seconds``. The pipeline hands it over with
   :meth:`AuditSpool.submit_later`, so the row is built once the response is on its way.
 
-A shipper task reads durable records in order, inserts COMPLETE rows into ClickHouse in
+A shipper task reads written records in order, inserts COMPLETE rows into ClickHouse in
 batches (retrying with backoff while the store is down) and only then records its position
 in state.json. The position it records (``resume``) never passes a BEGIN whose COMPLETE it
 has not seen, so a crash never loses a forwarded call; segments wholly before ``resume`` are

@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "LOCK"
 
+SYNC_MODES = ("before_forward", "interval", "off")
+"""When a write-ahead record reaches the disk (``AuditSpool(fsync=...)``, ``audit.spool_fsync``):
+``before_forward``, fsync'd before the call goes upstream (survives a power loss; the call waits
+for the disk); ``interval``, written before the call goes upstream and fsync'd within
+``fsync_interval_seconds`` (survives a gateway crash, and a power loss but for that last
+interval); ``off``, written, and synced when its segment is closed (survives a gateway crash)."""
+
 
 class AuditUnavailable(Exception):
     """The call cannot be recorded durably (spool full or unwritable) and audit.required is
@@ -107,11 +114,14 @@ class AuditSpool:
 
     def __init__(self, store: "Store", directory: Path, *, instance: str, batch_size: int = 2000,
                  flush_interval_seconds: float = 0.2, spool_max_bytes: int = 1 << 30,
-                 required: bool = False, fsync: bool = True, segment_bytes: int = 16 << 20,
-                 begin_timeout_seconds: float = 2.0, retry_min_seconds: float = 0.05) -> None:
+                 required: bool = False, fsync: str = "interval", fsync_interval_seconds: float = 0.02,
+                 segment_bytes: int = 16 << 20, begin_timeout_seconds: float = 2.0,
+                 retry_min_seconds: float = 0.05) -> None:
         if batch_size < 1 or flush_interval_seconds <= 0 or spool_max_bytes < 1 or segment_bytes < 4096:
             raise ValueError("batch_size and spool_max_bytes >= 1, flush_interval_seconds > 0, "
                              "segment_bytes >= 4096")
+        if fsync not in SYNC_MODES or fsync_interval_seconds <= 0:
+            raise ValueError(f"fsync is one of {', '.join(SYNC_MODES)}; fsync_interval_seconds > 0")
         self._store = store
         self.directory = Path(directory)
         self.instance = instance
@@ -120,6 +130,8 @@ class AuditSpool:
         self.spool_max_bytes = spool_max_bytes
         self.required = required
         self.fsync = fsync
+        self.fsync_interval_seconds = fsync_interval_seconds
+        self._next_sync = 0.0  # monotonic time by which written records must be synced (interval)
         # The open segment is only deleted once rotated: keep it a small part of the quota.
         self.segment_bytes = max(4096, min(segment_bytes, spool_max_bytes // 8))
         self.begin_timeout_seconds = begin_timeout_seconds
@@ -144,6 +156,7 @@ class AuditSpool:
         self._sizes: dict[int, int] = {}
         self._disk_bytes = 0
         self._write_ok = True
+        self._sync_ok = True  # the last interval sync succeeded
         # shipper
         self._read_pos: Pos = (0, 0)
         self._skip_before: Pos = (0, 0)
@@ -230,20 +243,21 @@ class AuditSpool:
     @property
     def healthy(self) -> bool:
         """The spool is writable and the store takes inserts (a backlog may exist)."""
-        return self._write_ok and self._store_ok and not self._closed
+        return self._write_ok and self._sync_ok and self._store_ok and not self._closed
 
     def status(self) -> dict[str, Any]:
         return {"depth": self.depth, "bytes": self.bytes, "max_bytes": self.spool_max_bytes,
                 "full": self.full, "dropped": self.dropped, "required": self.required,
                 "healthy": self.healthy, "spool_writable": self._write_ok, "store_reachable": self._store_ok,
                 "written": self.written, "failed_batches": self.failed_batches,
-                "begins": self.begins, "fsyncs": self.fsyncs}
+                "begins": self.begins, "fsyncs": self.fsyncs, "fsync": self.fsync, "synced": self._sync_ok}
 
     # -- request path -----------------------------------------------------------------
     async def begin(self, row: tuple[Any, ...]) -> None:
-        """Durably record a call about to be forwarded (group-committed fsync).
+        """Record a call about to be forwarded: returns once its record is written to the spool
+        (group commit), and fsync'd too under ``before_forward`` (see ``SYNC_MODES``).
 
-        Raises AuditUnavailable in required mode when the record cannot be made durable
+        Raises AuditUnavailable in required mode when the record cannot be written
         (spool full, spool unwritable, closed, or not synced within begin_timeout_seconds);
         otherwise such a record is dropped and counted and the call goes ahead.
         """
@@ -283,6 +297,8 @@ class AuditSpool:
             return "audit spool is not running"
         if not self._write_ok:
             return "audit spool cannot be written (see the error log)"
+        if not self._sync_ok:
+            return "audit spool cannot be synced to disk (see the error log)"
         if self.full:
             return f"audit spool is full ({self.bytes} of {self.spool_max_bytes} bytes: is the store down?)"
         return None
@@ -383,7 +399,7 @@ class AuditSpool:
                 except Exception as exc:
                     log.warning("audit chain of %s starts anew: store not readable (%s)",
                                 self.instance, _describe(exc))
-            self._log = SegmentWriter(self.directory, rec.next_seg, self.segment_bytes, self.fsync)
+            self._log = SegmentWriter(self.directory, rec.next_seg, self.segment_bytes, self.fsync != "off")
             header_size = await loop.run_in_executor(self._io, self._log.open, rec.next_seg)
         except BaseException:
             self._shutdown_io()
@@ -428,7 +444,8 @@ class AuditSpool:
         return await fut
 
     async def sync(self, timeout: float | None = None) -> None:
-        """Wait until every record queued before this call is on disk (not yet shipped)."""
+        """Wait until every record queued before this call is in the spool (not yet shipped;
+        fsync'd as ``fsync`` says)."""
         if self._closed or self._writer_task is None:
             return
         async with asyncio.timeout(timeout):
@@ -549,7 +566,13 @@ class AuditSpool:
                 if self._closing:
                     return
                 self._wake_writer.clear()
-                await self._wake_writer.wait()
+                if not self._next_sync:
+                    await self._wake_writer.wait()
+                elif time.monotonic() < self._next_sync:
+                    await _wait_event(self._wake_writer, self._next_sync - time.monotonic())
+                else:  # interval: nothing more to write, and what was written is due on disk
+                    self._next_sync = 0.0
+                    await loop.run_in_executor(self._io, self._sync_written, loop)
                 continue
             if (not self._begin_waiters and not self._flushers and not self._closing
                     and self._rows_pending < self.batch_size):
@@ -559,8 +582,11 @@ class AuditSpool:
             queued = self._queued  # every record queued so far is in data
             cids, waiters = self._pending_cids, self._begin_waiters
             self._pending, self._pending_bytes, self._pending_cids, self._begin_waiters = [], 0, [], []
+            sync_after = bool(self._next_sync) and time.monotonic() >= self._next_sync
+            if sync_after:
+                self._next_sync = 0.0
             try:
-                await self._sync_group(loop, data, queued, cids, waiters)
+                await self._sync_group(loop, data, queued, cids, waiters, sync_after=sync_after)
             except Exception as exc:
                 self._write_ok = False
                 self._pending.insert(0, data)  # retried, in order, ahead of newer records
@@ -579,8 +605,10 @@ class AuditSpool:
             delay = self.retry_min_seconds
 
     def _sync_group(self, loop: asyncio.AbstractEventLoop, data: bytes, queued: int, cids: list[bytes],
-                    waiters: list[asyncio.Future[None]]) -> asyncio.Future[None]:
-        """Write and sync ``data`` on the writer's thread; done once it is on disk.
+                    waiters: list[asyncio.Future[None]], *, sync_after: bool = False) -> asyncio.Future[None]:
+        """Write ``data`` on the writer's thread (and sync it, under ``before_forward``); done
+        once it is in the segment. ``sync_after`` (``interval``): then sync everything written
+        so far, after the group's begins are released.
 
         The thread hands the result to the loop in one callback that also resolves the
         group's begins (:meth:`_synced_group`), so a waiting call resumes on the loop's next
@@ -589,6 +617,7 @@ class AuditSpool:
         """
         assert self._log is not None and self._io is not None
         done: asyncio.Future[None] = loop.create_future()
+        sync_now = self.fsync == "before_forward"
 
         def settle(pos: Pos | None, exc: BaseException | None) -> None:
             if done.cancelled():
@@ -598,22 +627,45 @@ class AuditSpool:
                 return
             assert pos is not None
             self._synced_group(pos, queued, cids, waiters)
+            if self.fsync == "interval" and not sync_after and not self._next_sync:
+                self._next_sync = time.monotonic() + self.fsync_interval_seconds
             done.set_result(None)
 
-        def work(append: Callable[[bytes], Pos]) -> None:
+        def work(append: Callable[[bytes, bool], Pos]) -> None:
             try:
-                pos = append(data)
+                pos = append(data, sync_now)
             except BaseException as exc:  # noqa: BLE001 - handed to the writer task
                 loop.call_soon_threadsafe(settle, None, exc)
-            else:
-                loop.call_soon_threadsafe(settle, pos, None)
+                return
+            loop.call_soon_threadsafe(settle, pos, None)
+            if sync_after:
+                self._sync_written(loop)
 
         self._io.submit(work, self._log.append)
         return done
 
+    def _sync_written(self, loop: asyncio.AbstractEventLoop) -> None:
+        """(Writer's thread, ``interval``.) Sync what the segment has not synced yet. A failure
+        marks the spool unhealthy (and refuses calls when audit is required) and the sync is
+        tried again after the interval, until one succeeds."""
+        assert self._log is not None
+        try:
+            self._log.sync()
+        except OSError as exc:
+            self._sync_ok = False
+            self._log_error("sync", f"audit spool fsync failed: {_describe(exc)}")
+            loop.call_soon_threadsafe(self._retry_sync)
+        else:
+            self._sync_ok = True
+
+    def _retry_sync(self) -> None:
+        if not self._next_sync:
+            self._next_sync = time.monotonic() + self.fsync_interval_seconds
+        self._wake_writer.set()  # an idle writer waits for the new deadline
+
     def _synced_group(self, pos: Pos, queued: int, cids: list[bytes],
                       waiters: list[asyncio.Future[None]]) -> None:
-        """A group is on disk (on the loop): advance the durable position, release its begins."""
+        """A group is written (on the loop): advance the written position, release its begins."""
         seg, end = pos
         self._write_ok = True
         self._on_disk = queued
