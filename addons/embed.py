@@ -13,6 +13,7 @@ from mitmproxy import options
 from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from addons import protocol_errors
 from gateway.errors import ProxyStartError
 
 log = logging.getLogger("agentgate.forward")
@@ -44,6 +45,7 @@ class EmbeddedProxy:
         self.master: Master | None = None
 
     async def start(self) -> None:
+        protocol_errors.install()  # mitmproxy's own 400 / 413 / 502 answers in the gateway's JSON
         opts = options.Options()
         self.master = Master(opts)
         self.master.addons.add(core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(),

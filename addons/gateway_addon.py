@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, flow as mflow, http
 from mitmproxy.utils import human
 
+from addons.protocol_errors import clean_message
 from gateway import mcp
 from gateway.errors import CALL_ID_HEADER, BadRequest, GatewayError, UpstreamError, error_body
 from gateway.identity import extract_bearer
@@ -27,6 +28,8 @@ from gateway.redaction import NotRedactable
 log = logging.getLogger("agentgate.forward")
 
 CALL_KEY = "agentgate.call"
+AUDITED_KEY = "agentgate.audited"
+"""Set on a flow refused before admission once its refusal is audited: it is audited once."""
 STREAM_FROM_BYTES = 1 << 20
 """Responses with nothing to redact are relayed as they arrive from this size (or of unknown
 size) instead of being held whole."""
@@ -51,6 +54,20 @@ def _answer_instead(flow: http.HTTPFlow, err: GatewayError, call_id: str) -> Non
     flow.response.status_code, flow.response.reason = made.status_code, made.reason
     flow.response.headers = made.headers
     flow.response.stream = lambda chunk: [] if chunk else [body]
+
+
+def _too_large(limit: int | None) -> GatewayError:
+    return GatewayError(f"request body larger than {limit} bytes", code="request_too_large", status=413,
+                        outcome="rejected")
+
+
+def _proxy_refusal(message: str) -> GatewayError:
+    """The refusal to audit for an error mitmproxy reported on a flow the gateway never admitted."""
+    if message == mflow.Error.KILLED_MESSAGE:  # only _internal_error kills an unadmitted flow
+        return GatewayError("internal gateway error")
+    if "body_size_limit" in message:  # a chunked body found too large while read (mitmproxy's 413)
+        return _too_large(human.parse_size(ctx.options.body_size_limit))
+    return BadRequest(f"refused by the proxy: {clean_message(400, message)}")
 
 
 def _tokens(*credentials: str | None) -> set[str]:
@@ -178,15 +195,9 @@ class AgentGate:
         declared = flow.request.headers.get("content-length", "")
         if limit is None or not declared.isdigit() or int(declared) <= limit:
             return
-        tunnel = self.tunnels.get(flow.client_conn)
-        call = Call(request=self._gateway_request(flow, tunnel, with_body=False))
-        try:
-            call.identity = tunnel.identity if tunnel else await self.pipeline.authenticate(
-                "forward", flow.request.headers.get("proxy-authorization"))
-        except GatewayError:
-            pass  # refused for its size all the same; the row says who it was when it can
-        self.pipeline.fail(call, GatewayError(f"request body larger than {limit} bytes", code="request_too_large",
-                                              status=413, outcome="rejected"))
+        call = await self._unadmitted_call(flow)
+        flow.metadata[AUDITED_KEY] = True  # mitmproxy calls the error hook for it next
+        self.pipeline.fail(call, _too_large(limit))
 
     def tcp_start(self, flow: Any) -> None:
         """Never a raw TCP relay (no policy, no audit): rawtcp is off, this holds should a
@@ -354,9 +365,12 @@ class AgentGate:
         if call is not None:
             self.pipeline.streams.discard(call)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
-        if call is None or call.finished:
+        if call is None:
+            await self._refused_by_proxy(flow)
+            return
+        if call.finished:
             return
         self.pipeline.streams.discard(call)
         relay: _StreamRelay | None = flow.metadata.get("agentgate.counter")
@@ -377,6 +391,33 @@ class AgentGate:
             return
         message = flow.error.msg if flow.error else "unknown upstream failure"
         self.pipeline.fail(call, UpstreamError(f"upstream failed: {message}", code="upstream_error"))
+
+    async def _refused_by_proxy(self, flow: http.HTTPFlow) -> None:
+        """mitmproxy refused a request the gateway never admitted (headers it would not take, a
+        body over the limit, one the agent never finished sending): audit it, once.
+
+        A request line or headers mitmproxy cannot parse at all get its 400 with no flow and no
+        hook: that refusal is neither attributed nor audited (mitmproxy only logs it)."""
+        if flow.metadata.get(AUDITED_KEY) or flow.response is not None:
+            return  # audited already: by requestheaders, or answered by the gateway itself
+        flow.metadata[AUDITED_KEY] = True
+        try:
+            call = await self._unadmitted_call(flow)
+            self.pipeline.fail(call, _proxy_refusal(flow.error.msg if flow.error else ""))
+        except Exception:  # noqa: BLE001 - an audit failure must not break mitmproxy's error path
+            log.exception("could not audit a request the proxy refused")
+
+    async def _unadmitted_call(self, flow: http.HTTPFlow) -> Call:
+        """A call for a request refused before the pipeline judged it, attributed to its agent
+        when the tunnel or the Proxy-Authorization says who that is."""
+        tunnel = self.tunnels.get(flow.client_conn)
+        call = Call(request=self._gateway_request(flow, tunnel, with_body=False))
+        try:
+            call.identity = tunnel.identity if tunnel else await self.pipeline.authenticate(
+                "forward", flow.request.headers.get("proxy-authorization"))
+        except GatewayError:
+            pass  # refused all the same; the row says who it was when it can
+        return call
 
     # -- translation -------------------------------------------------------------------
     def _gateway_request(self, flow: http.HTTPFlow, tunnel: _Tunnel | None = None, *,

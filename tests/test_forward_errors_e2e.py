@@ -1,0 +1,196 @@
+"""The answers mitmproxy writes itself in forward mode (a request it cannot parse, a body over the
+limit, an upstream it cannot reach) are the gateway's JSON errors, disclose no mitmproxy version,
+and — when mitmproxy had a flow for them — are audited, once. Real gateway, real mitmproxy, real
+loopback sockets (each test failed before addons/protocol_errors.py and the addon's error hook)."""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+from mitmproxy.proxy.layers.http import _http1
+
+from addons import protocol_errors
+from tests.conftest import Gateway, Keys, Upstream, wait_until
+from tests.raw_http import proxy_addr, read_response, tunnel
+
+CALL_ID = "x-agentgate-call-id"
+LIMIT = 1 << 20  # the smallest proxy.max_body_bytes the configuration takes
+
+
+@pytest.fixture(scope="module")
+def gw(gateway_factory) -> Gateway:
+    return gateway_factory({"proxy": {"max_body_bytes": LIMIT}}, name="forward-errors")
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but not listening: a connection to it is refused, and nothing else
+    can take the port meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def _raw_exchange(gw: Gateway, raw: bytes) -> bytes:
+    """Everything the proxy answers to ``raw`` until it closes the connection."""
+    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+        sock.sendall(raw)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def _json_error(status: int, headers: dict[str, str], body: bytes, expected: tuple[int, str]) -> dict[str, Any]:
+    assert (status, headers.get("content-type")) == (expected[0], "application/json"), (status, headers, body[:300])
+    assert int(headers["content-length"]) == len(body) and "server" not in headers, headers
+    err = json.loads(body)["error"]
+    assert err["code"] == expected[1] and err["message"] and "<" not in err["message"], err
+    assert "mitmproxy" not in err["message"].lower(), err
+    return err
+
+
+def _rows(gw: Gateway, path: str, keys: Keys, upstream: Upstream) -> list[dict[str, Any]]:
+    """The audit rows of ``path``, read once every row submitted before now is readable: the
+    audit is written in order, so the row of a call made after them is the barrier."""
+    token = keys.token("barrier-bot", roles=["reader"])
+    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+        sock.sendall(f"GET http://127.0.0.1:{upstream.port}/barrier HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+                     f"Proxy-Authorization: Bearer {token}\r\n\r\n".encode())
+        status, headers, _ = read_response(sock)
+    assert status == 200
+    gw.audit_row(headers[CALL_ID])
+    return gw.sql("SELECT agent_id, status, error_code, outcome FROM agentgate.calls FINAL "
+                  f"WHERE path = '{path}'")
+
+
+def _poll_rows(gw: Gateway, path: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    query = f"SELECT agent_id, status, error_code, outcome, host FROM agentgate.calls FINAL WHERE path = '{path}'"
+    wait_until(lambda: bool(found.extend(gw.sql(query)) or found), timeout=15, what=f"the audit row of {path}")
+    return found
+
+
+# (a) A request line mitmproxy cannot parse: answered before any flow exists (so not auditable).
+def test_garbage_request_line_gets_json_400_without_mitmproxy(gw: Gateway) -> None:
+    raw = _raw_exchange(gw, b"HELLO THERE NOT HTTP\r\n\r\n")
+    assert b"mitmproxy" not in raw.lower(), raw
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    err = _json_error(int(lines[0].split()[1]), headers, body, (400, "bad_request"))
+    assert err["call_id"] == "" and headers["connection"] == "close"
+
+
+# (b) A body over proxy.max_body_bytes: declared (refused on its headers) or chunked (refused
+#     once more than the limit has arrived). One audit row each, attributed to the agent.
+def test_declared_body_over_the_limit_gets_json_413_audited_once(gw: Gateway, keys: Keys,
+                                                                upstream: Upstream) -> None:
+    token = keys.token("big-declared-bot", roles=["writer"])
+    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+        sock.sendall(f"POST http://127.0.0.1:{upstream.port}/errors/declared HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1:{upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n"
+                     f"Content-Length: {LIMIT + 1}\r\n\r\n".encode())
+        _json_error(*read_response(sock), (413, "request_too_large"))
+    rows = _rows(gw, "/errors/declared", keys, upstream)
+    assert [(r["agent_id"], r["status"], r["error_code"], r["outcome"]) for r in rows] == [
+        ("big-declared-bot", 413, "request_too_large", "rejected")]
+
+
+def test_chunked_body_over_the_limit_gets_json_413_audited_once(gw: Gateway, keys: Keys,
+                                                               upstream: Upstream) -> None:
+    token = keys.token("big-chunked-bot", roles=["writer"])
+    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+        # One chunk one byte over the limit, and nothing after it: the proxy has read all that was
+        # sent when it refuses, so it closes the connection cleanly after its answer.
+        sock.sendall(f"POST http://127.0.0.1:{upstream.port}/errors/chunked HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1:{upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n"
+                     f"Transfer-Encoding: chunked\r\n\r\n{LIMIT + 1:x}\r\n".encode() + b"x" * (LIMIT + 1))
+        _json_error(*read_response(sock), (413, "request_too_large"))
+    rows = _rows(gw, "/errors/chunked", keys, upstream)
+    assert [(r["agent_id"], r["status"], r["error_code"], r["outcome"]) for r in rows] == [
+        ("big-chunked-bot", 413, "request_too_large", "rejected")]
+
+
+# (c) An upstream nothing listens on: mitmproxy's 502, inside a tunnel and for plain HTTP.
+def test_unreachable_upstream_in_tunnel_gets_json_502_audited_for_the_agent(gw: Gateway, keys: Keys,
+                                                                           closed_port: int) -> None:
+    token = keys.token("unreachable-bot", roles=["reader"])
+    with tunnel(gw, f"127.0.0.1:{closed_port}", token, gw.ca_file) as sock:
+        sock.sendall(f"GET /errors/unreachable-tls HTTP/1.1\r\nHost: 127.0.0.1:{closed_port}\r\n\r\n".encode())
+        status, headers, body = read_response(sock)
+    _json_error(status, headers, body, (502, "upstream_error"))
+    (row,) = _poll_rows(gw, "/errors/unreachable-tls")
+    assert (row["agent_id"], row["status"], row["error_code"], row["outcome"], row["host"]) == (
+        "unreachable-bot", 502, "upstream_error", "upstream_error", "127.0.0.1")
+
+
+def test_unreachable_upstream_plain_http_gets_json_502(gw: Gateway, keys: Keys, closed_port: int) -> None:
+    token = keys.token("unreachable-bot", roles=["reader"])
+    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+        sock.sendall(f"GET http://127.0.0.1:{closed_port}/errors/unreachable-plain HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1:{closed_port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n".encode())
+        _json_error(*read_response(sock), (502, "upstream_error"))
+    (row,) = _poll_rows(gw, "/errors/unreachable-plain")
+    assert (row["agent_id"], row["status"], row["error_code"]) == ("unreachable-bot", 502, "upstream_error")
+
+
+# Headers mitmproxy refuses after it made a flow for them, and a body the agent never finished:
+# the gateway never judged either, and audits both for the tunnel's agent.
+def test_invalid_headers_in_tunnel_get_json_400_audited_for_the_agent(gw: Gateway, keys: Keys,
+                                                                     upstream: Upstream) -> None:
+    token = keys.token("sloppy-bot", roles=["reader"])
+    with tunnel(gw, f"127.0.0.1:{upstream.port}", token, gw.ca_file) as sock:
+        sock.sendall(f"POST /errors/bad-headers HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+                     f"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello".encode())
+        status, headers, body = read_response(sock)
+    _json_error(status, headers, body, (400, "bad_request"))
+    rows = _rows(gw, "/errors/bad-headers", keys, upstream)
+    assert [(r["agent_id"], r["status"], r["error_code"], r["outcome"]) for r in rows] == [
+        ("sloppy-bot", 400, "bad_request", "rejected")]
+    assert "/errors/bad-headers" not in upstream.paths()
+
+
+def test_body_never_finished_in_tunnel_is_audited_for_the_agent(gw: Gateway, keys: Keys,
+                                                               upstream: Upstream) -> None:
+    token = keys.token("quitter-bot", roles=["writer"])
+    with tunnel(gw, f"127.0.0.1:{upstream.port}", token, gw.ca_file) as sock:
+        sock.sendall(f"POST /errors/gave-up HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+                     f"Content-Length: 100\r\n\r\nonly part of it".encode())
+    (row,) = _poll_rows(gw, "/errors/gave-up")
+    assert (row["agent_id"], row["status"], row["error_code"]) == ("quitter-bot", 400, "bad_request"), row
+    assert "/errors/gave-up" not in upstream.paths()
+
+
+# (d) The renderer itself, and the guard around the private function it replaces.
+def test_install_replaces_mitmproxys_error_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_http1, "make_error_response", _http1.make_error_response)  # restored afterwards
+    assert protocol_errors.install() and protocol_errors.install()  # idempotent
+    assert _http1.make_error_response is protocol_errors.render_error
+    raw = _http1.make_error_response(502, "<b>mitmproxy's</b> " + "x" * 1000)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and b"server:" not in head.lower()
+    assert f"content-length: {len(body)}".encode() in head.lower() and b"connection: close" in head.lower()
+    err = json.loads(body)["error"]
+    assert err["code"] == "upstream_error" and len(err["message"]) <= protocol_errors.MAX_MESSAGE
+    assert "mitmproxy" not in err["message"]
+    assert [protocol_errors.error_code(s) for s in (400, 407, 413, 504, 500)] == [
+        "bad_request", "unauthenticated", "request_too_large", "upstream_timeout", "proxy_error"]
+
+
+def test_install_leaves_an_unknown_mitmproxy_alone(caplog: pytest.LogCaptureFixture) -> None:
+    def changed(status_code: int, message: str, headers: dict[str, str]) -> bytes:
+        return b""
+
+    lacking, other = ModuleType("lacking"), ModuleType("other")
+    other.make_error_response = changed  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="agentgate.forward"):
+        assert protocol_errors.install(lacking) is False
+        assert protocol_errors.install(other) is False
+    assert other.make_error_response is changed  # type: ignore[attr-defined]
+    assert len([r for r in caplog.records if "make_error_response" in r.getMessage()]) == 2
