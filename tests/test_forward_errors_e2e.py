@@ -89,32 +89,24 @@ def test_garbage_request_line_gets_json_400_without_mitmproxy(gw: Gateway) -> No
 
 # (b) A body over proxy.max_body_bytes: declared (refused on its headers) or chunked (refused
 #     once more than the limit has arrived). One audit row each, attributed to the agent.
-def test_declared_body_over_the_limit_gets_json_413_audited_once(gw: Gateway, keys: Keys,
-                                                                upstream: Upstream) -> None:
-    token = keys.token("big-declared-bot", roles=["writer"])
-    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
-        sock.sendall(f"POST http://127.0.0.1:{upstream.port}/errors/declared HTTP/1.1\r\n"
-                     f"Host: 127.0.0.1:{upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n"
-                     f"Content-Length: {LIMIT + 1}\r\n\r\n".encode())
-        _json_error(*read_response(sock), (413, "request_too_large"))
-    rows = _rows(gw, "/errors/declared", keys, upstream)
-    assert [(r["agent_id"], r["status"], r["error_code"], r["outcome"]) for r in rows] == [
-        ("big-declared-bot", 413, "request_too_large", "rejected")]
-
-
-def test_chunked_body_over_the_limit_gets_json_413_audited_once(gw: Gateway, keys: Keys,
-                                                               upstream: Upstream) -> None:
-    token = keys.token("big-chunked-bot", roles=["writer"])
-    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+@pytest.mark.parametrize("framing", ["declared", "chunked"])
+def test_body_over_the_limit_gets_json_413_audited_once(gw: Gateway, keys: Keys, upstream: Upstream,
+                                                        framing: str) -> None:
+    token = keys.token(f"big-{framing}-bot", roles=["writer"])
+    if framing == "declared":  # refused on its headers
+        body_part = f"Content-Length: {LIMIT + 1}\r\n\r\n".encode()
+    else:
         # One chunk one byte over the limit, and nothing after it: the proxy has read all that was
         # sent when it refuses, so it closes the connection cleanly after its answer.
-        sock.sendall(f"POST http://127.0.0.1:{upstream.port}/errors/chunked HTTP/1.1\r\n"
-                     f"Host: 127.0.0.1:{upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n"
-                     f"Transfer-Encoding: chunked\r\n\r\n{LIMIT + 1:x}\r\n".encode() + b"x" * (LIMIT + 1))
+        body_part = f"Transfer-Encoding: chunked\r\n\r\n{LIMIT + 1:x}\r\n".encode() + b"x" * (LIMIT + 1)
+    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+        sock.sendall(f"POST http://127.0.0.1:{upstream.port}/errors/{framing} HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1:{upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n".encode()
+                     + body_part)
         _json_error(*read_response(sock), (413, "request_too_large"))
-    rows = _rows(gw, "/errors/chunked", keys, upstream)
+    rows = _rows(gw, f"/errors/{framing}", keys, upstream)
     assert [(r["agent_id"], r["status"], r["error_code"], r["outcome"]) for r in rows] == [
-        ("big-chunked-bot", 413, "request_too_large", "rejected")]
+        (f"big-{framing}-bot", 413, "request_too_large", "rejected")]
 
 
 # (c) An upstream nothing listens on: mitmproxy's 502, inside a tunnel and for plain HTTP.
