@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 import storage.spool as spool_mod
+import storage.spool.audit_spool as audit_spool_mod
 import storage.spool.segments as segments_mod
 from storage.spool.records import row_decoder
 from storage import schema
@@ -134,21 +136,25 @@ async def test_interval_begin_returns_once_written_and_the_sync_follows(
 
 async def test_interval_syncs_while_writes_keep_coming(store: Store, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A steady stream of calls never leaves the writer idle: the sync still comes within the
-    interval, between groups, not only once the calls stop."""
+    """A steady stream of calls: the sync comes once the interval has passed since the first
+    unsynced write (new writes do not push the deadline back), not only once calls stop. The
+    spool's clock advances 1 ms per call, so "the interval" is 20 calls, whatever the machine."""
     synced: list[int] = []
     real = segments_mod._fdatasync
     monkeypatch.setattr(segments_mod, "_fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    clock = [1000.0]
+    monkeypatch.setattr(audit_spool_mod, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     sp = spool(store, tmp_path, fsync="interval", fsync_interval_seconds=0.02)
     await sp.start()
     try:
         n = 0
         async with asyncio.timeout(20):
-            while not synced and n < 100_000:
+            while not synced and n < 200:
                 await sp.begin(row())
+                clock[0] += 0.001
                 n += 1
-        assert synced, f"{n} calls written and never synced"
-        assert n > 1 and sp.begins == n
+        assert synced, f"{n} calls written over {n} ms of the spool's clock and never synced"
+        assert 20 <= n <= 25, n  # not before the interval either
     finally:
         await sp.close()
 
