@@ -61,12 +61,12 @@ def _too_large(limit: int | None) -> GatewayError:
                         outcome="rejected")
 
 
-def _proxy_refusal(message: str) -> GatewayError:
+def _proxy_refusal(message: str, body_limit: int | None) -> GatewayError:
     """The refusal to audit for an error mitmproxy reported on a flow the gateway never admitted."""
     if message == mflow.Error.KILLED_MESSAGE:  # only _internal_error kills an unadmitted flow
         return GatewayError("internal gateway error")
     if "body_size_limit" in message:  # a chunked body found too large while read (mitmproxy's 413)
-        return _too_large(human.parse_size(ctx.options.body_size_limit))
+        return _too_large(body_limit)
     return BadRequest(f"refused by the proxy: {clean_message(400, message)}")
 
 
@@ -159,6 +159,7 @@ class AgentGate:
         self.pipeline = pipeline
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, _Tunnel] = weakref.WeakKeyDictionary()
         self._stream_types: tuple[str, ...] = ("text/event-stream",)
+        self._body_limit: int | None = None  # mitmproxy's body_size_limit, parsed once per change
 
     # -- mitmproxy addon protocol ------------------------------------------------------
     def load(self, loader) -> None:
@@ -175,6 +176,8 @@ class AgentGate:
                 raise exceptions.OptionsError(
                     f"agentgate_stream_content_types: not a lower-case media type: {', '.join(bad)}")
             self._stream_types = tuple(types)
+        if "body_size_limit" in updated:
+            self._body_limit = human.parse_size(ctx.options.body_size_limit)
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         call = Call(request=self._gateway_request(flow))
@@ -191,7 +194,7 @@ class AgentGate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A body declared larger than mitmproxy's body_size_limit: mitmproxy answers 413 itself
         right after this hook and never calls request(); record the refusal here."""
-        limit = human.parse_size(ctx.options.body_size_limit)
+        limit = self._body_limit
         declared = flow.request.headers.get("content-length", "")
         if limit is None or not declared.isdigit() or int(declared) <= limit:
             return
@@ -403,7 +406,7 @@ class AgentGate:
         flow.metadata[AUDITED_KEY] = True
         try:
             call = await self._unadmitted_call(flow)
-            self.pipeline.fail(call, _proxy_refusal(flow.error.msg if flow.error else ""))
+            self.pipeline.fail(call, _proxy_refusal(flow.error.msg if flow.error else "", self._body_limit))
         except Exception:  # noqa: BLE001 - an audit failure must not break mitmproxy's error path
             log.exception("could not audit a request the proxy refused")
 

@@ -61,8 +61,7 @@ def render_error(status_code: int, message: str = "") -> bytes:
     status_code = int(status_code)
     body = error_body(error_code(status_code), clean_message(status_code, message), "")
     resp = http.Response.make(status_code, body, {"Content-Type": "application/json", "Connection": "close"})
-    resp.headers["Content-Length"] = str(len(body))
-    return http1.assemble_response(resp)
+    return http1.assemble_response(resp)  # make() sets Content-Length
 
 
 def _signature(fn: Callable[..., object]) -> list[tuple[str, object]] | None:

@@ -146,8 +146,12 @@ class AuditConfig(_Section):
     @field_validator("spool_fsync", mode="before")
     @classmethod
     def _fsync_bool(cls, v: Any) -> Any:
-        legacy = {True: "before_forward", False: "off", "true": "before_forward", "false": "off"}
-        return legacy.get(v.lower() if isinstance(v, str) else v, v) if isinstance(v, (bool, str)) else v
+        """The boolean of earlier versions (TOML, or "true"/"false" from the environment)."""
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            v = v.lower() == "true"
+        if isinstance(v, bool):
+            return "before_forward" if v else "off"
+        return v
     chdb_process: bool = True
     """Embedded chDB runs in a child process (its memory, merges and crashes stay out of the
     proxy's); false: in the gateway process. Ignored for a ClickHouse server DSN."""

@@ -96,8 +96,8 @@ async def test_group_commit_shares_fsyncs(store: Store, tmp_path: Path, monkeypa
 # ------------------------------------------------------------------ fsync "interval"
 @contextlib.contextmanager
 def blocked_fdatasync(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Every fdatasync of the spool blocks (on the writer's thread) until released; yields
-    (entered: a sync has started, release)."""
+    """Every fdatasync of the spool blocks (on the writer's thread) until released, and none
+    after that; yields (entered: a sync has started, release)."""
     entered, released = threading.Event(), threading.Event()
     real = segments_mod._fdatasync
 
@@ -200,30 +200,17 @@ class WriteOnDisk:
 
 @contextlib.asynccontextmanager
 async def write_on_disk(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[WriteOnDisk]:
-    entered, held_back = threading.Event(), threading.Event()
-    real = segments_mod._fdatasync
-
-    def held(fd: int) -> None:
-        entered.set()
-        held_back.wait(10)
-        real(fd)
-
-    def release() -> None:  # later writes sync at once
-        monkeypatch.setattr(segments_mod, "_fdatasync", real)
-        held_back.set()
-
     sp = spool(store, tmp_path, flush_interval_seconds=60)
     await sp.start()
     try:
-        monkeypatch.setattr(segments_mod, "_fdatasync", held)
-        first = row()
-        sp.submit(first)
-        first_flush = asyncio.ensure_future(sp.flush(timeout=10))
-        assert await asyncio.to_thread(entered.wait, 10)  # the first write is syncing now
-        yield WriteOnDisk(sp, first, first_flush, release)
-        await first_flush
+        with blocked_fdatasync(monkeypatch) as (entered, release):  # released: later writes sync at once
+            first = row()
+            sp.submit(first)
+            first_flush = asyncio.ensure_future(sp.flush(timeout=10))
+            assert await asyncio.to_thread(entered.wait, 10)  # the first write is syncing now
+            yield WriteOnDisk(sp, first, first_flush, release)
+            await first_flush
     finally:
-        held_back.set()
         await sp.close()
 
 
