@@ -19,7 +19,8 @@ from mitmproxy.utils import human
 
 from addons.protocol_errors import clean_message
 from gateway import mcp
-from gateway.errors import CALL_ID_HEADER, BadRequest, GatewayError, UpstreamError, error_body
+from gateway.errors import (CALL_ID_HEADER, CLIENT_CLOSED_REQUEST, INCOMPLETE_BODY, INCOMPLETE_RESPONSE, BadRequest,
+                            GatewayError, UpstreamError, client_closed, error_body)
 from gateway.identity import extract_bearer
 from gateway.models import Call, GatewayRequest, Identity
 from gateway.pipeline import RANGE_HEADERS, Pipeline
@@ -61,12 +62,23 @@ def _too_large(limit: int | None) -> GatewayError:
                         outcome="rejected")
 
 
+_CLIENT_GONE = ("Client disconnected.",  # mitmproxy, while the agent waits for the answer
+                "peer closed connection without sending complete message body")  # h11, mid-body
+
+
+def _client_gone(message: str) -> bool:
+    """mitmproxy's error says the agent hung up (its errors carry only a message)."""
+    return any(sign in message for sign in _CLIENT_GONE)
+
+
 def _proxy_refusal(message: str, body_limit: int | None) -> GatewayError:
     """The refusal to audit for an error mitmproxy reported on a flow the gateway never admitted."""
     if message == mflow.Error.KILLED_MESSAGE:  # only _internal_error kills an unadmitted flow
         return GatewayError("internal gateway error")
     if "body_size_limit" in message:  # a chunked body found too large while read (mitmproxy's 413)
         return _too_large(body_limit)
+    if _client_gone(message):
+        return client_closed(f"{INCOMPLETE_BODY} ({clean_message(CLIENT_CLOSED_REQUEST, message)})")
     return BadRequest(f"refused by the proxy: {clean_message(400, message)}")
 
 
@@ -393,6 +405,11 @@ class AgentGate:
                                                   status=status, outcome="killed"))
             return
         message = flow.error.msg if flow.error else "unknown upstream failure"
+        if _client_gone(message):
+            call.response_bytes = _sent(flow)
+            status = flow.response.status_code if flow.response else CLIENT_CLOSED_REQUEST
+            self.pipeline.fail(call, client_closed(INCOMPLETE_RESPONSE, status))
+            return
         self.pipeline.fail(call, UpstreamError(f"upstream failed: {message}", code="upstream_error"))
 
     async def _refused_by_proxy(self, flow: http.HTTPFlow) -> None:

@@ -25,6 +25,7 @@ from gateway.errors import Forbidden, GatewayError
 from gateway.killswitch import KillSwitch, from_datetime, to_datetime
 from gateway.models import Call, Identity
 from gateway.registry import AgentRegistry
+from gateway.request_body import known_content
 from storage.state_schema import (APPROVAL_COLUMNS, APPROVALS, ClaimNotStored, claim_transition, latest_claim,
                                   latest_rows, newest_claims)
 from storage.store import Store, insert_rows
@@ -153,7 +154,7 @@ class ApprovalError(GatewayError):
 
 def _arguments_preview(call: Call, scrub: Any) -> str:
     """What the approver sees of the request body: parsed JSON when it parses, scrubbed."""
-    body = call.request.body
+    body = known_content(call.request)  # inflated, when policy read it inflated
     if not body:
         return ""
     try:

@@ -65,5 +65,19 @@ class UpstreamError(GatewayError):
     outcome = "upstream_error"
 
 
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a request the client abandoned; mitmproxy records the same."""
+
+
+INCOMPLETE_BODY = "the agent closed the connection before sending the whole request body"
+INCOMPLETE_RESPONSE = "the agent closed the connection before the whole response"
+
+
+def client_closed(message: str, status: int = CLIENT_CLOSED_REQUEST) -> GatewayError:
+    """The agent hung up (mid-request, or before the answer was whole): nobody is left to answer,
+    and the audit row says so with outcome ``client_closed``."""
+    return GatewayError(message, code="client_closed", status=status, outcome="client_closed")
+
+
 def error_body(code: str, message: str, call_id: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message, "call_id": call_id}}).encode()

@@ -82,6 +82,7 @@ from gateway.redaction import scrub_value
 from gateway.redaction.codec import decode as decode_codings
 from gateway.redaction.codec import encode as encode_codings
 from gateway.redaction.codec import parse_encodings
+from gateway.request_body import inspected_body
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -234,7 +235,7 @@ def classify(call: Call, limit: int) -> None:
     """Mark an MCP call: ``call.rpc``, ``call.tool_input`` (``input.tool``) and audit fields.
     Raises BadRequest when ``Mcp-Method``/``Mcp-Name`` headers contradict the body."""
     req = call.request
-    value = _load_json(req.body, limit)
+    value = _load_json(inspected_body(req, limit)[0], limit)  # decoded when it carries a Content-Encoding
     if value is AMBIGUOUS:
         raise BadRequest("the JSON body names a member twice; servers may read it differently than "
                          "the gateway", code="ambiguous_json")
@@ -316,7 +317,7 @@ def check_headers(call: Call) -> None:
 
 def batch_of(call: Call, limit: int) -> list[Any] | None:
     """The elements of a JSON-RPC batch body (every element a JSON-RPC object), else None."""
-    body = call.request.body
+    body = inspected_body(call.request, limit)[0]
     if body.lstrip()[:1] != b"[":
         return None
     value = _load_json(body, limit)  # an ambiguous batch is left to classify(), which refuses it
@@ -809,7 +810,9 @@ def _header(headers: dict[str, str], name: str) -> str:
 
 # -- batches ---------------------------------------------------------------------------------
 def _element_call(call: Call, item: Any) -> Call:
-    headers = [(k, v) for k, v in call.request.headers if k.lower() not in ("accept", "content-length")]
+    # Each element goes upstream as plain JSON: the batch's length and coding are not its own.
+    headers = [(k, v) for k, v in call.request.headers
+               if k.lower() not in ("accept", "content-length", "content-encoding")]
     headers.append(("Accept", JSON_AND_SSE))
     request = dataclasses.replace(call.request, body=_dumps(item), headers=headers)
     sub = Call(request=request)

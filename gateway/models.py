@@ -66,6 +66,8 @@ class GatewayRequest:
     route: str | None = None
     connect_host: str | None = None
     """Forward mode, inside a CONNECT tunnel: the tunnel's target host (checked against Host)."""
+    inspected: tuple[int, bytes, str | None] | None = field(default=None, init=False, repr=False, compare=False)
+    """gateway/request_body.py's decoded body, kept: (limit, content, problem)."""
 
     def header(self, name: str) -> str | None:
         lname = name.lower()

@@ -17,7 +17,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import mcp
 from gateway.echo_guard import KIND
-from gateway.errors import CALL_ID_HEADER, GatewayError, error_body
+from gateway.errors import (CALL_ID_HEADER, INCOMPLETE_BODY, INCOMPLETE_RESPONSE, GatewayError,
+                            client_closed, error_body)
 from gateway.models import Call, GatewayRequest
 from gateway.pipeline import Pipeline
 from gateway.redaction import NotRedactable
@@ -68,13 +69,7 @@ class RouteFrontEnd:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route, path, query = _split_raw_path(request.raw_path)
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            body = b""
-            too_large = True
-        else:
-            too_large = False
+        body, unread = await self._read_body(request)
         greq = GatewayRequest(
             mode="route", method=request.method, scheme="http", host=request.host.rpartition(":")[0] or request.host,
             port=0, path=path, query=query, headers=list(request.headers.items()), body=body,
@@ -82,7 +77,7 @@ class RouteFrontEnd:
         )
         call = Call(request=greq)
         credential = request.headers.get("Authorization")
-        refusal = self._front_end_refusal(route, too_large)
+        refusal = self._front_end_refusal(route, unread)
         if refusal is not None:
             return await self._refuse_unrouted(call, refusal, credential)
         # Policy sees the upstream's host and scheme, not the gateway's.
@@ -113,17 +108,24 @@ class RouteFrontEnd:
             _echoes(call, n)
         return reply
 
-    def _front_end_refusal(self, route: str | None, too_large: bool) -> GatewayError | None:
+    async def _read_body(self, request: web.Request) -> tuple[bytes, GatewayError | None]:
+        """The whole request body, or why there is none: the request is refused, and audited."""
+        try:
+            return await request.read(), None
+        except web.HTTPRequestEntityTooLarge:
+            return b"", GatewayError(f"request body larger than {self.max_body} bytes",
+                                     code="request_too_large", status=413, outcome="rejected")
+        except ConnectionError:  # the agent hung up mid-body (aiohttp: "Connection lost")
+            return b"", client_closed(INCOMPLETE_BODY)
+
+    def _front_end_refusal(self, route: str | None, unread: GatewayError | None) -> GatewayError | None:
         if route is None:
             return GatewayError("not found: agent calls go to /r/<route>/<path>", code="not_found",
                                 status=404, outcome="rejected")
         if route not in self.pipeline.cfg.routes:
             return GatewayError(f"unknown route {route!r}", code="unknown_route", status=404,
                                 outcome="rejected")
-        if too_large:
-            return GatewayError(f"request body larger than {self.max_body} bytes",
-                                code="request_too_large", status=413, outcome="rejected")
-        return None
+        return unread
 
     async def _refuse_unrouted(self, call: Call, err: GatewayError, credential: str | None) -> web.Response:
         """Refusals found before the pipeline runs are still attributed (when the token is
@@ -132,7 +134,8 @@ class RouteFrontEnd:
             call.identity = await self.pipeline.authenticate("route", credential)
         except GatewayError:
             pass
-        call.request.route = None if err.code != "request_too_large" else call.request.route
+        if err.code in ("not_found", "unknown_route"):
+            call.request.route = None
         self.pipeline.fail(call, err)
         return error_response(err, call.call_id)
 
@@ -279,8 +282,7 @@ class RouteFrontEnd:
                                    code="response_not_redactable", status=upstream.status,
                                    outcome="redaction_failed")
         except _AgentGone:
-            failure = GatewayError("the agent closed the connection before the whole response",
-                                   code="client_closed", status=upstream.status, outcome="client_closed")
+            failure = client_closed(INCOMPLETE_RESPONSE, upstream.status)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             if not cut.is_set():
                 call.response_bytes = sent

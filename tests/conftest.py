@@ -113,6 +113,8 @@ class Upstream:
     """A real aiohttp server on 127.0.0.1 in its own thread, recording what reached it."""
 
     tls: trustme.CA | None = None
+    raw: bool = False
+    """Record request bodies as they arrived: a Content-Encoding is not inflated."""
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
     ca_file: Path | None = None
@@ -177,7 +179,7 @@ def start_upstream(up: Upstream, cert_dir: Path, app: web.Application | None = N
             served = web.Application()
             served[UPSTREAM] = up
             served.router.add_route("*", "/{tail:.*}", _echo)
-        runner = web.AppRunner(served, access_log=None)
+        runner = web.AppRunner(served, access_log=None, auto_decompress=not up.raw)
         await runner.setup()
         ctx = None
         if up.tls is not None:

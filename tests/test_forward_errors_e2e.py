@@ -155,8 +155,24 @@ def test_body_never_finished_in_tunnel_is_audited_for_the_agent(gw: Gateway, key
         sock.sendall(f"POST /errors/gave-up HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
                      f"Content-Length: 100\r\n\r\nonly part of it".encode())
     (row,) = _poll_rows(gw, "/errors/gave-up")
-    assert (row["agent_id"], row["status"], row["error_code"]) == ("quitter-bot", 400, "bad_request"), row
+    assert (row["agent_id"], row["status"], row["error_code"], row["outcome"]) == (
+        "quitter-bot", 499, "client_closed", "client_closed"), row
     assert "/errors/gave-up" not in upstream.paths()
+
+
+def test_agent_hanging_up_before_the_answer_is_client_closed_not_an_upstream_error(
+        gw: Gateway, keys: Keys, upstream: Upstream) -> None:
+    """The upstream takes 2 s (its /slow path); the agent leaves once the call has reached it.
+    Before, the row blamed the upstream (502 ``upstream_error``: "upstream failed: Client
+    disconnected.")."""
+    token = keys.token("impatient-bot", roles=["reader"])
+    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+        sock.sendall(f"GET http://127.0.0.1:{upstream.port}/errors/impatient/slow HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1:{upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n".encode())
+        wait_until(lambda: "/errors/impatient/slow" in upstream.paths(), timeout=15, what="the call upstream")
+    (row,) = _poll_rows(gw, "/errors/impatient/slow")
+    assert (row["agent_id"], row["status"], row["error_code"], row["outcome"]) == (
+        "impatient-bot", 499, "client_closed", "client_closed"), row
 
 
 # (d) The renderer itself, and the guard around the private function it replaces.

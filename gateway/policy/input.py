@@ -7,6 +7,7 @@ from typing import Any
 
 from gateway.canonical import parse_query
 from gateway.models import Call
+from gateway.request_body import TOO_LARGE, inspected_body
 
 # Credentials never reach policy input (nor the audit): policy decides on who the agent is
 # (input.agent), not on the secret it presented.
@@ -58,7 +59,11 @@ def build_input(call: Call, *, port: int | None, segments: list[str], inspect_li
     ident = call.identity
     assert ident is not None
     content_type = _content_type(call)
-    body, truncated, body_error = parse_body(req.body, content_type, inspect_limit)
+    content, problem = inspected_body(req, inspect_limit)  # decoded when it carries a Content-Encoding
+    if problem is not None:
+        body, truncated, body_error = None, problem == TOO_LARGE, problem
+    else:
+        body, truncated, body_error = parse_body(content, content_type, inspect_limit)
     headers: dict[str, str] = {}
     for name, value in req.headers:
         lname = name.lower()
