@@ -20,7 +20,7 @@ from mitmproxy.utils import human
 from addons.protocol_errors import clean_message
 from gateway import mcp
 from gateway.errors import (CALL_ID_HEADER, CLIENT_CLOSED_REQUEST, INCOMPLETE_BODY, INCOMPLETE_RESPONSE, BadRequest,
-                            GatewayError, UpstreamError, client_closed, error_body)
+                            GatewayError, UpstreamError, client_closed, error_body, request_too_large)
 from gateway.identity import extract_bearer
 from gateway.models import Call, GatewayRequest, Identity
 from gateway.pipeline import RANGE_HEADERS, Pipeline
@@ -57,11 +57,6 @@ def _answer_instead(flow: http.HTTPFlow, err: GatewayError, call_id: str) -> Non
     flow.response.stream = lambda chunk: [] if chunk else [body]
 
 
-def _too_large(limit: int | None) -> GatewayError:
-    return GatewayError(f"request body larger than {limit} bytes", code="request_too_large", status=413,
-                        outcome="rejected")
-
-
 _CLIENT_GONE = ("Client disconnected.",  # mitmproxy, while the agent waits for the answer
                 "peer closed connection without sending complete message body")  # h11, mid-body
 
@@ -76,7 +71,7 @@ def _proxy_refusal(message: str, body_limit: int | None) -> GatewayError:
     if message == mflow.Error.KILLED_MESSAGE:  # only _internal_error kills an unadmitted flow
         return GatewayError("internal gateway error")
     if "body_size_limit" in message:  # a chunked body found too large while read (mitmproxy's 413)
-        return _too_large(body_limit)
+        return request_too_large(body_limit)
     if _client_gone(message):
         return client_closed(f"{INCOMPLETE_BODY} ({clean_message(CLIENT_CLOSED_REQUEST, message)})")
     return BadRequest(f"refused by the proxy: {clean_message(400, message)}")
@@ -212,7 +207,7 @@ class AgentGate:
             return
         call = await self._unadmitted_call(flow)
         flow.metadata[AUDITED_KEY] = True  # mitmproxy calls the error hook for it next
-        self.pipeline.fail(call, _too_large(limit))
+        self.pipeline.fail(call, request_too_large(limit))
 
     def tcp_start(self, flow: Any) -> None:
         """Never a raw TCP relay (no policy, no audit): rawtcp is off, this holds should a

@@ -73,6 +73,11 @@ INCOMPLETE_BODY = "the agent closed the connection before sending the whole requ
 INCOMPLETE_RESPONSE = "the agent closed the connection before the whole response"
 
 
+def request_too_large(limit: int | None) -> GatewayError:
+    return GatewayError(f"request body larger than {limit} bytes", code="request_too_large", status=413,
+                        outcome="rejected")
+
+
 def client_closed(message: str, status: int = CLIENT_CLOSED_REQUEST) -> GatewayError:
     """The agent hung up (mid-request, or before the answer was whole): nobody is left to answer,
     and the audit row says so with outcome ``client_closed``."""

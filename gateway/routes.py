@@ -18,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway import mcp
 from gateway.echo_guard import KIND
 from gateway.errors import (CALL_ID_HEADER, INCOMPLETE_BODY, INCOMPLETE_RESPONSE, GatewayError,
-                            client_closed, error_body)
+                            client_closed, error_body, request_too_large)
 from gateway.models import Call, GatewayRequest
 from gateway.pipeline import Pipeline
 from gateway.redaction import NotRedactable
@@ -113,8 +113,7 @@ class RouteFrontEnd:
         try:
             return await request.read(), None
         except web.HTTPRequestEntityTooLarge:
-            return b"", GatewayError(f"request body larger than {self.max_body} bytes",
-                                     code="request_too_large", status=413, outcome="rejected")
+            return b"", request_too_large(self.max_body)
         except ConnectionError:  # the agent hung up mid-body (aiohttp: "Connection lost")
             return b"", client_closed(INCOMPLETE_BODY)
 
@@ -134,8 +133,8 @@ class RouteFrontEnd:
             call.identity = await self.pipeline.authenticate("route", credential)
         except GatewayError:
             pass
-        if err.code in ("not_found", "unknown_route"):
-            call.request.route = None
+        if call.request.route not in self.pipeline.cfg.routes:
+            call.request.route = None  # not a route: the audit names none
         self.pipeline.fail(call, err)
         return error_response(err, call.call_id)
 
