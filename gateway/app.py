@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE as AIOHTTP_SERVER
 
 from addons.embed import EmbeddedProxy
 from addons.gateway_addon import AgentGate
@@ -22,6 +21,7 @@ from gateway.admin_events import AdminEvents
 from gateway.approvals import Approvals
 from gateway.config import Config
 from gateway.devkey import ensure_dev_key, public_pem
+from gateway.http_server import GatewayRunner, OnBadRequest, name_the_server
 from gateway.identity import JwtVerifier
 from gateway.killswitch import KillSwitch, KillSwitches
 from gateway.metrics import Metrics
@@ -41,16 +41,6 @@ from storage.store import Store
 log = logging.getLogger("agentgate")
 
 MAX_REQUEST_BODY = 64 << 20
-SERVER_NAME = "agentgate"
-"""The ``Server`` header of the gateway's own answers, and of relayed ones whose upstream sent
-none. aiohttp's default names the Python and aiohttp versions, which tells a prober too much."""
-
-
-async def _name_the_server(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    # aiohttp fills in its default before this signal: a Server header equal to it is aiohttp's
-    # (or an upstream that runs this very aiohttp and Python, and tells the same).
-    if response.headers.get("Server") == AIOHTTP_SERVER:
-        response.headers["Server"] = SERVER_NAME
 
 
 def instance_name(data_dir: Path) -> str:
@@ -130,7 +120,8 @@ class Gateway:
                          approver_teams_claim=cfg.approval.approver_teams_claim)
         # Bodies go upstream as the agent sent them: aiohttp must not inflate a Content-Encoding
         # (gateway/request_body.py inflates a copy for policy).
-        routes_addr = await self._serve(routes.app(), cfg.listen.routes, auto_decompress=False)
+        routes_addr = await self._serve(routes.app(), cfg.listen.routes, on_bad_request=routes.refuse_unparsable,
+                                        auto_decompress=False)
         admin_addr = await self._serve(admin.app(), cfg.listen.admin)
         proxy_addr = None
         if cfg.listen.proxy_enabled:
@@ -154,9 +145,11 @@ class Gateway:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _serve(self, app: web.Application, hostport: str, **handler_args: Any) -> tuple[str, int]:
-        app.on_response_prepare.append(_name_the_server)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, **handler_args)
+    async def _serve(self, app: web.Application, hostport: str, *, on_bad_request: OnBadRequest | None = None,
+                     **handler_args: Any) -> tuple[str, int]:
+        app.on_response_prepare.append(name_the_server)
+        runner = GatewayRunner(app, on_bad_request=on_bad_request, access_log=None, handle_signals=False,
+                               keepalive_timeout=self.cfg.listen.idle_seconds, **handler_args)
         await runner.setup()
         host, port = _split(hostport)
         site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -45,6 +45,13 @@ class ListenConfig(_Section):
     routes: str = "127.0.0.1:8090"
     admin: str = "127.0.0.1:8081"
     proxy_enabled: bool = True
+    idle_seconds: float = Field(default=75, gt=0)
+    """The route and admin listeners close a connection with no request in progress for this long:
+    idle between keep-alive requests, or opened and its request head never finished. (The
+    forward proxy's is ``proxy.connection_idle_seconds``.)"""
+    body_timeout_seconds: float = Field(default=60, gt=0)
+    """A route request whose body stops arriving for this long is refused (408
+    ``request_timeout``) and audited, instead of holding its connection open."""
 
     _check = field_validator("proxy", "routes", "admin")(classmethod(lambda cls, v: _hostport(v)))
 

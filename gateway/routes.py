@@ -17,6 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import mcp
 from gateway.echo_guard import KIND
+from gateway.http_server import MalformedBody
 from gateway.errors import (CALL_ID_HEADER, INCOMPLETE_BODY, INCOMPLETE_RESPONSE, GatewayError,
                             client_closed, error_body, request_too_large)
 from gateway.models import Call, GatewayRequest
@@ -29,6 +30,10 @@ log = logging.getLogger("agentgate.routes")
 _BUFFER_LIMIT = 1 << 20
 """Responses up to this size with a known length are sent in one piece; larger or
 open-ended ones (SSE, downloads) are streamed chunk by chunk."""
+
+
+_BODY_NEVER_ENDS = frozenset({"request_timeout", "bad_request"})
+"""Refusals of a body that stalled or whose framing broke: its connection is not reused."""
 
 
 def error_response(err: GatewayError, call_id: str) -> web.Response:
@@ -60,6 +65,7 @@ class RouteFrontEnd:
         self.pipeline = pipeline
         self.upstream = upstream
         self.max_body = max_body
+        self.body_timeout = pipeline.cfg.listen.body_timeout_seconds
         self._send = mcp.route_sender(upstream)
 
     def app(self) -> web.Application:
@@ -79,7 +85,10 @@ class RouteFrontEnd:
         credential = request.headers.get("Authorization")
         refusal = self._front_end_refusal(route, unread)
         if refusal is not None:
-            return await self._refuse_unrouted(call, refusal, credential)
+            resp = await self._refuse_unrouted(call, refusal, credential)
+            if unread is not None and unread.code in _BODY_NEVER_ENDS:
+                resp.force_close()  # Connection: close
+            return resp
         # Policy sees the upstream's host and scheme, not the gateway's.
         target = self.upstream.target(route)  # type: ignore[arg-type]
         greq.scheme, greq.host, greq.port = target
@@ -109,13 +118,37 @@ class RouteFrontEnd:
         return reply
 
     async def _read_body(self, request: web.Request) -> tuple[bytes, GatewayError | None]:
-        """The whole request body, or why there is none: the request is refused, and audited."""
+        """The whole request body, or why there is none: the request is refused, and audited.
+
+        A body that stops arriving for ``listen.body_timeout_seconds`` is refused (nginx's
+        ``client_body_timeout``): aiohttp itself would wait for it as long as the agent keeps
+        the connection open."""
+        body = bytearray()
+        loop = asyncio.get_running_loop()
         try:
-            return await request.read(), None
-        except web.HTTPRequestEntityTooLarge:
-            return b"", request_too_large(self.max_body)
+            async with asyncio.timeout(self.body_timeout) as stall:
+                while chunk := await request.content.readany():
+                    body += chunk
+                    if len(body) > self.max_body:
+                        return b"", request_too_large(self.max_body)
+                    stall.reschedule(loop.time() + self.body_timeout)
+        except TimeoutError:
+            return b"", GatewayError(f"no request body bytes for {self.body_timeout:g} s", code="request_timeout",
+                                     status=408, outcome="rejected")
+        except MalformedBody as exc:  # broken chunk framing (gateway/http_server.py)
+            request.content.feed_eof()  # nothing more comes: aiohttp must not linger over the rest
+            return b"", exc.refusal
         except ConnectionError:  # the agent hung up mid-body (aiohttp: "Connection lost")
             return b"", client_closed(INCOMPLETE_BODY)
+        return bytes(body), None
+
+    def refuse_unparsable(self, client_ip: str, err: GatewayError) -> str:
+        """Audit a request aiohttp could not parse (gateway/http_server.py answers it): nothing
+        about it can be trusted but the address it came from. Returns its call id."""
+        call = Call(request=GatewayRequest(mode="route", method="", scheme="http", host="", port=0, path="",
+                                           query="", headers=[], body=b"", client_ip=client_ip))
+        self.pipeline.fail(call, err)
+        return call.call_id
 
     def _front_end_refusal(self, route: str | None, unread: GatewayError | None) -> GatewayError | None:
         if route is None:
