@@ -422,6 +422,19 @@ class AgentGate:
         except Exception:  # noqa: BLE001 - an audit failure must not break mitmproxy's error path
             log.exception("could not audit a request the proxy refused")
 
+    def refuse_unparsable_head(self, client: connection.Client, message: str) -> str:
+        """Audit a request head mitmproxy could not parse (addons/protocol_errors.py answers it):
+        attributed to the tunnel's agent when it came through one, else only to its address.
+        Returns the call id."""
+        tunnel = self.tunnels.get(client)
+        call = Call(request=GatewayRequest(
+            mode="forward", method="", scheme="https" if tunnel else "http", host=tunnel.host if tunnel else "",
+            port=0, path="", query="", headers=[], body=b"",
+            client_ip=client.peername[0] if client.peername else ""))
+        call.identity = tunnel.identity if tunnel else None
+        self.pipeline.fail(call, BadRequest(message))
+        return call.call_id
+
     async def _unadmitted_call(self, flow: http.HTTPFlow) -> Call:
         """A call for a request refused before the pipeline judged it, attributed to its agent
         when the tunnel or the Proxy-Authorization says who that is."""

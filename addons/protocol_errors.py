@@ -18,6 +18,15 @@ speaking HTTP/2 inside a tunnel still gets mitmproxy's HTML there.
 
 The call id is not known where mitmproxy answers: ``call_id`` is empty. The gateway audits these
 refusals in the addon's ``error`` hook when mitmproxy had a flow for them (see gateway_addon.py).
+
+A request head mitmproxy cannot parse at all gets its 400 with no flow and no hook, and a log
+line that quotes the head (a request line with its query string, a header line with its value).
+``install()`` also wraps ``Http1Server.read_headers`` to watch the commands it yields for that
+case: the refusal is audited through the addon (``AgentGate.refuse_unparsable_head``, attributed
+when the connection is an agent's tunnel), the answer carries the call id, and the log line keeps
+only the parser's reason. On a mitmproxy upgrade, re-check that ``read_headers(self, event)`` still
+answers such a head with ``SendData`` from ``make_error_response(400, str(e))`` while
+``self.request`` is None, and logs it with one ``Log`` command.
 """
 
 from __future__ import annotations
@@ -28,11 +37,14 @@ import logging
 import re
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events
+from mitmproxy.utils import human
 
-from gateway.errors import error_body
+from gateway.errors import error_body, parser_reason
 
 log = logging.getLogger("agentgate.forward")
 
@@ -55,13 +67,63 @@ def clean_message(status_code: int, message: str) -> str:
     return text or http.status_codes.RESPONSES.get(status_code, "proxy error").lower()
 
 
-def render_error(status_code: int, message: str = "") -> bytes:
+_last_message = [""]
+"""The message of the answer ``render_error`` built last: read by ``read_headers`` right after
+mitmproxy built its 400 for a head it could not parse (the same synchronous step)."""
+
+
+def render_error(status_code: int, message: str = "", call_id: str = "") -> bytes:
     """Stands in for ``_http1.make_error_response``: the same HTTP/1 answer, as the gateway's JSON
     error, with no ``Server`` header."""
     status_code = int(status_code)
-    body = error_body(error_code(status_code), clean_message(status_code, message), "")
-    resp = http.Response.make(status_code, body, {"Content-Type": "application/json", "Connection": "close"})
+    _last_message[0] = message
+    body = error_body(error_code(status_code), clean_message(status_code, message), call_id)
+    headers = {"Content-Type": "application/json", "Connection": "close"}
+    if call_id:
+        headers["X-Agentgate-Call-Id"] = call_id
+    resp = http.Response.make(status_code, body, headers)
     return http1.assemble_response(resp)  # make() sets Content-Length
+
+
+def _audit_unparsable(conn: object, reason: str) -> str:
+    """The call id of the audit row for a head ``conn`` sent that could not be parsed ("" when
+    no gateway addon is loaded to audit it)."""
+    addon = ctx.master.addons.get("agentgate") if getattr(ctx, "master", None) else None
+    if addon is None:
+        return ""
+    try:
+        return addon.refuse_unparsable_head(conn, reason)
+    except Exception:  # noqa: BLE001 - the agent still gets its answer
+        log.exception("could not audit a request head that could not be parsed")
+        return ""
+
+
+def _watching(read_headers: Callable[..., Any]) -> Callable[..., Any]:
+    def watched(self: Any, event: events.Event) -> Any:
+        """``Http1Server.read_headers``, with a head it cannot parse audited and its bytes kept out
+        of the answer and the log (see the module docstring)."""
+        gen = read_headers(self, event)
+        reason = ""
+        try:
+            cmd = next(gen)
+            while True:
+                if isinstance(event, events.DataReceived) and self.request is None:
+                    if isinstance(cmd, commands.SendData):  # mitmproxy's 400 for the head
+                        reason = parser_reason(_last_message[0])
+                        message = f"the request could not be parsed as HTTP/1.1: {reason}"
+                        cmd = commands.SendData(cmd.connection, render_error(
+                            400, message, _audit_unparsable(self.conn, message)))
+                    elif isinstance(cmd, commands.Log):  # "<address>: <error quoting the head>"
+                        cmd = commands.Log(f"{human.format_address(self.conn.peername)}: refused a request head "
+                                           f"that could not be parsed ({reason or 'Malformed request'})", cmd.level)
+                elif isinstance(event, events.ConnectionClosed) and isinstance(cmd, commands.Log):
+                    cmd = commands.Log(f"{human.format_address(self.conn.peername)}: closed the connection before "
+                                       f"its request head was complete", cmd.level)
+                cmd = gen.send((yield cmd))
+        except StopIteration as stop:
+            return stop.value
+    watched.__wrapped__ = read_headers  # type: ignore[attr-defined]
+    return watched
 
 
 def _signature(fn: Callable[..., object]) -> list[tuple[str, object]] | None:
@@ -80,15 +142,23 @@ def _mitmproxy_http1() -> ModuleType | None:
 
 def install(target: ModuleType | None = None) -> bool:
     """Replace ``target.make_error_response`` (default: mitmproxy's ``_http1``) with
-    ``render_error``. True once installed (again: a no-op); False, with a warning, when the
-    function is not there in the expected form."""
+    ``render_error``, and watch ``target.Http1Server.read_headers``. True once installed (again: a
+    no-op); False, with a warning, when either is not there in the expected form."""
     module = target if target is not None else _mitmproxy_http1()
     current = getattr(module, "make_error_response", None)
-    if current is render_error:
-        return True
-    if module is None or current is None or _signature(current) != _EXPECTED:
-        log.warning("mitmproxy's make_error_response is missing or changed: the forward proxy's own error "
-                    "answers (400, 413, 502) stay mitmproxy's HTML (see addons/protocol_errors.py)")
+    if current is not render_error:
+        if module is None or current is None or _signature(current) != _EXPECTED:
+            log.warning("mitmproxy's make_error_response is missing or changed: the forward proxy's own error "
+                        "answers (400, 413, 502) stay mitmproxy's HTML (see addons/protocol_errors.py)")
+            return False
+        setattr(module, "make_error_response", render_error)
+    server = getattr(module, "Http1Server", None)
+    read_headers = getattr(server, "read_headers", None)
+    if read_headers is None or not inspect.isgeneratorfunction(read_headers) or \
+            [p.name for p in inspect.signature(read_headers).parameters.values()] != ["self", "event"]:
+        log.warning("mitmproxy's Http1Server.read_headers is missing or changed: a request head the forward "
+                    "proxy cannot parse is not audited (see addons/protocol_errors.py)")
         return False
-    setattr(module, "make_error_response", render_error)
+    if not hasattr(read_headers, "__wrapped__"):
+        server.read_headers = _watching(read_headers)
     return True

@@ -7,6 +7,7 @@ Every such response carries ``X-Agentgate-Call-Id`` and the body
 from __future__ import annotations
 
 import json
+import re
 
 CALL_ID_HEADER = "X-Agentgate-Call-Id"
 
@@ -86,3 +87,22 @@ def client_closed(message: str, status: int = CLIENT_CLOSED_REQUEST) -> GatewayE
 
 def error_body(code: str, message: str, call_id: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message, "call_id": call_id}}).encode()
+
+
+_REASON = re.compile(r"[A-Za-z][A-Za-z0-9 /-]{2,80}")
+
+
+def parser_reason(message: str | None) -> str:
+    """The leading reason of an HTTP parser's error message, quoting none of the request.
+
+    aiohttp's and mitmproxy's messages quote the offending bytes after a colon (a request line
+    with its query string, a header line with its value): only the words before it are kept
+    ("Invalid header value char", "Bad HTTP request line"), so no credential the agent sent
+    reaches an answer, an audit row or a log line."""
+    head = (message or "").split("\n", 1)[0].split(":", 1)[0].strip()
+    return head if " " in head and _REASON.fullmatch(head) else "Malformed request"
+
+
+def unparsable(reason: str) -> "BadRequest":
+    """The refusal of a request whose head (or body framing) could not be parsed."""
+    return BadRequest(f"the request could not be parsed as HTTP/1.1: {reason}")

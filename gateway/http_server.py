@@ -17,7 +17,6 @@ tests/test_route_hardening_e2e.py fails if any of that stops holding.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.http import SERVER_SOFTWARE as AIOHTTP_SERVER
 
-from gateway.errors import CALL_ID_HEADER, BadRequest, GatewayError, error_body
+from gateway.errors import CALL_ID_HEADER, GatewayError, error_body, parser_reason, unparsable
 
 log = logging.getLogger("agentgate.http")
 
@@ -36,9 +35,6 @@ none. aiohttp's default names the Python and aiohttp versions, which tells a pro
 OnBadRequest = Callable[[str, GatewayError], str]
 """Called with the client's address and the refusal; returns the call id of its audit row."""
 
-_REASON = re.compile(r"[A-Za-z][A-Za-z0-9 -]{2,80}")
-
-
 async def name_the_server(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """``on_response_prepare``: aiohttp fills in its default ``Server`` before this signal; a
     value equal to it is aiohttp's (or an upstream's that runs this very aiohttp and Python)."""
@@ -47,17 +43,10 @@ async def name_the_server(request: web.BaseRequest, response: web.StreamResponse
 
 
 def parse_refusal(exc: BaseException | None, message: str | None) -> GatewayError:
-    """The refusal for a request aiohttp could not parse, in words that quote none of it.
-
-    aiohttp's messages quote the offending bytes (a request line with its query string, a header
-    line with its value): only their leading reason ("Invalid header value char", "Duplicate
-    Content-Length") is kept, so no credential the agent sent reaches the answer or the audit."""
+    """The refusal for a request aiohttp could not parse, in words that quote none of it."""
     if isinstance(exc, http_exceptions.InvalidURLError):
-        reason = "Invalid request target"  # its message is the target itself
-    else:
-        head = (message or "").split("\n", 1)[0].split(":", 1)[0].strip()
-        reason = head if " " in head and _REASON.fullmatch(head) else "Malformed request"
-    return BadRequest(f"the request could not be parsed as HTTP/1.1: {reason}")
+        return unparsable("Invalid request target")  # its message is the target itself
+    return unparsable(parser_reason(message))
 
 
 class MalformedBody(Exception):

@@ -76,15 +76,64 @@ def _poll_rows(gw: Gateway, path: str) -> list[dict[str, Any]]:
     return found
 
 
-# (a) A request line mitmproxy cannot parse: answered before any flow exists (so not auditable).
-def test_garbage_request_line_gets_json_400_without_mitmproxy(gw: Gateway) -> None:
-    raw = _raw_exchange(gw, b"HELLO THERE NOT HTTP\r\n\r\n")
-    assert b"mitmproxy" not in raw.lower(), raw
+# (a) A request head mitmproxy cannot parse: answered before any flow exists. Audited through the
+#     watched read_headers (before, only a log line recorded it, quoting the head).
+MARK = "S3CRET-9e107d9d"
+
+
+def _split_raw(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    err = _json_error(int(lines[0].split()[1]), headers, body, (400, "bad_request"))
-    assert err["call_id"] == "" and headers["connection"] == "close"
+    return int(lines[0].split()[1]), headers, body
+
+
+def _row_by_call_id(gw: Gateway, call_id: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = []
+    query = ("SELECT agent_id, mode, host, client_ip, status, error_code, outcome, reasons FROM agentgate.calls FINAL "
+             f"WHERE call_id = '{call_id}'")
+    wait_until(lambda: bool(found.extend(gw.sql(query)) or found), timeout=15, what=f"the audit row of {call_id}")
+    return found[0]
+
+
+@pytest.mark.parametrize("head", [b"HELLO THERE NOT HTTP " + MARK.encode() + b"\r\n\r\n",
+                                  f"GET http://example.test/?token={MARK} HTTP/1.1 junk\r\n\r\n".encode(),
+                                  f"GET http://example.test/ HTTP/1.1\r\nProxy-Authorization Bearer {MARK}\r\n\r\n"
+                                  .encode()], ids=["not-http", "request-line", "header-line"])
+def test_an_unparsable_request_head_gets_json_400_and_an_audit_row(gw: Gateway, head: bytes) -> None:
+    raw = _raw_exchange(gw, head)
+    assert b"mitmproxy" not in raw.lower() and MARK.encode() not in raw, raw
+    status, headers, body = _split_raw(raw)
+    err = _json_error(status, headers, body, (400, "bad_request"))
+    assert err["message"].startswith("the request could not be parsed as HTTP/1.1: "), err
+    assert err["call_id"] and headers[CALL_ID] == err["call_id"] and headers["connection"] == "close"
+    row = _row_by_call_id(gw, err["call_id"])
+    assert (row["agent_id"], row["mode"], row["client_ip"], row["status"], row["error_code"], row["outcome"]) == (
+        "", "forward", "127.0.0.1", 400, "bad_request", "rejected"), row
+    assert row["reasons"] == [err["message"]]
+    assert MARK not in gw.logs()
+
+
+def test_an_unparsable_head_in_a_tunnel_is_audited_for_its_agent(gw: Gateway, keys: Keys, upstream: Upstream) -> None:
+    token = keys.token("garbled-bot", roles=["reader"])
+    with tunnel(gw, f"127.0.0.1:{upstream.port}", token, gw.ca_file) as sock:
+        sock.sendall(f"GET /errors/garbled?key={MARK} HTTP/1.1 junk\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        status, headers, body = read_response(sock)
+    err = _json_error(status, headers, body, (400, "bad_request"))
+    assert MARK not in err["message"]
+    row = _row_by_call_id(gw, err["call_id"])
+    assert (row["agent_id"], row["host"], row["status"], row["error_code"]) == (
+        "garbled-bot", "127.0.0.1", 400, "bad_request"), row
+    assert MARK not in gw.logs()
+
+
+def test_a_head_cut_off_by_the_agent_is_not_logged(gw: Gateway) -> None:
+    """mitmproxy logged the bytes of a head the client closed before finishing; a token in them
+    went into the gateway's log."""
+    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
+        sock.sendall(f"GET http://example.test/ HTTP/1.1\r\nProxy-Authorization: Bearer {MARK}-cut\r\n".encode())
+    wait_until(lambda: "before its request head was complete" in gw.logs(), timeout=15, what="the log line")
+    assert MARK not in gw.logs()
 
 
 # (b) A body over proxy.max_body_bytes: declared (refused on its headers) or chunked (refused
@@ -178,8 +227,11 @@ def test_agent_hanging_up_before_the_answer_is_client_closed_not_an_upstream_err
 # (d) The renderer itself, and the guard around the private function it replaces.
 def test_install_replaces_mitmproxys_error_page(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_http1, "make_error_response", _http1.make_error_response)  # restored afterwards
+    monkeypatch.setattr(_http1.Http1Server, "read_headers", _http1.Http1Server.read_headers)
     assert protocol_errors.install() and protocol_errors.install()  # idempotent
     assert _http1.make_error_response is protocol_errors.render_error
+    watched = _http1.Http1Server.read_headers
+    assert watched.__wrapped__ is not None and not hasattr(watched.__wrapped__, "__wrapped__")  # wrapped once
     raw = _http1.make_error_response(502, "<b>mitmproxy's</b> " + "x" * 1000)
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 502 ") and b"server:" not in head.lower()
@@ -202,3 +254,18 @@ def test_install_leaves_an_unknown_mitmproxy_alone(caplog: pytest.LogCaptureFixt
         assert protocol_errors.install(other) is False
     assert other.make_error_response is changed  # type: ignore[attr-defined]
     assert len([r for r in caplog.records if "make_error_response" in r.getMessage()]) == 2
+
+
+def test_install_leaves_a_changed_read_headers_alone(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    class Http1Server:
+        def read_headers(self, event, extra):  # not the (self, event) generator it watches
+            return None
+
+    module = ModuleType("changed")
+    module.make_error_response = _http1.make_error_response  # type: ignore[attr-defined]
+    module.Http1Server = Http1Server  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="agentgate.forward"):
+        assert protocol_errors.install(module) is False
+    assert Http1Server.__dict__["read_headers"].__name__ == "read_headers"
+    assert any("read_headers" in r.getMessage() for r in caplog.records)
