@@ -17,12 +17,12 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, flow as mflow, http
 from mitmproxy.utils import human
 
-from addons.protocol_errors import clean_message
+from addons.protocol_errors import clean_message, error_code
 from gateway import mcp
 from gateway.errors import (CALL_ID_HEADER, CLIENT_CLOSED_REQUEST, INCOMPLETE_BODY, INCOMPLETE_RESPONSE, BadRequest,
                             GatewayError, UpstreamError, client_closed, error_body, request_too_large)
 from gateway.identity import extract_bearer
-from gateway.models import Call, GatewayRequest, Identity
+from gateway.models import Call, GatewayRequest, Identity, new_call_id
 from gateway.pipeline import RANGE_HEADERS, Pipeline
 from gateway.redaction import NotRedactable
 
@@ -30,7 +30,7 @@ log = logging.getLogger("agentgate.forward")
 
 CALL_KEY = "agentgate.call"
 AUDITED_KEY = "agentgate.audited"
-"""Set on a flow refused before admission once its refusal is audited: it is audited once."""
+"""The call id of a flow refused before admission, once its refusal is audited: it is audited once."""
 STREAM_FROM_BYTES = 1 << 20
 """Responses with nothing to redact are relayed as they arrive from this size (or of unknown
 size) instead of being held whole."""
@@ -167,6 +167,12 @@ class AgentGate:
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, _Tunnel] = weakref.WeakKeyDictionary()
         self._stream_types: tuple[str, ...] = ("text/event-stream",)
         self._body_limit: int | None = None  # mitmproxy's body_size_limit, parsed once per change
+        self._answers: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
+        """Per connection, the call id of mitmproxy's next error answer there (set by the error
+        hook, taken by addons/protocol_errors.py)."""
+        self._reserved: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
+        """Per connection, the call id mitmproxy's answer already named for the request whose
+        hooks run next (addons/protocol_errors.py): the audit row of its refusal takes it."""
 
     # -- mitmproxy addon protocol ------------------------------------------------------
     def load(self, loader) -> None:
@@ -201,12 +207,13 @@ class AgentGate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A body declared larger than mitmproxy's body_size_limit: mitmproxy answers 413 itself
         right after this hook and never calls request(); record the refusal here."""
+        self._answers.pop(flow.client_conn, None)  # a new request: no earlier error answer is due
         limit = self._body_limit
         declared = flow.request.headers.get("content-length", "")
         if limit is None or not declared.isdigit() or int(declared) <= limit:
             return
         call = await self._unadmitted_call(flow)
-        flow.metadata[AUDITED_KEY] = True  # mitmproxy calls the error hook for it next
+        flow.metadata[AUDITED_KEY] = call.call_id  # mitmproxy calls the error hook for it next
         self.pipeline.fail(call, request_too_large(limit))
 
     def tcp_start(self, flow: Any) -> None:
@@ -378,8 +385,14 @@ class AgentGate:
     async def error(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
         if call is None:
-            await self._refused_by_proxy(flow)
-            return
+            call_id = await self._refused_by_proxy(flow)
+        else:
+            call_id = call.call_id
+            self._failed(flow, call)
+        self._answers[flow.client_conn] = call_id  # for the answer mitmproxy writes next, if any
+
+    def _failed(self, flow: http.HTTPFlow, call: Call) -> None:
+        """An admitted call mitmproxy reported an error for: audit why it ended."""
         if call.finished:
             return
         self.pipeline.streams.discard(call)
@@ -407,32 +420,46 @@ class AgentGate:
             return
         self.pipeline.fail(call, UpstreamError(f"upstream failed: {message}", code="upstream_error"))
 
-    async def _refused_by_proxy(self, flow: http.HTTPFlow) -> None:
+    async def _refused_by_proxy(self, flow: http.HTTPFlow) -> str:
         """mitmproxy refused a request the gateway never admitted (headers it would not take, a
-        body over the limit, one the agent never finished sending): audit it, once.
-
-        A request line or headers mitmproxy cannot parse at all get its 400 with no flow and no
-        hook: that refusal is neither attributed nor audited (mitmproxy only logs it)."""
-        if flow.metadata.get(AUDITED_KEY) or flow.response is not None:
-            return  # audited already: by requestheaders, or answered by the gateway itself
-        flow.metadata[AUDITED_KEY] = True
+        body over the limit, one the agent never finished sending): audit it, once. Returns the
+        call id of its row ("" when the gateway answered it itself)."""
+        if flow.response is not None:
+            return ""  # answered by the gateway itself
+        if audited := flow.metadata.get(AUDITED_KEY):
+            return audited  # by requestheaders
         try:
             call = await self._unadmitted_call(flow)
+            flow.metadata[AUDITED_KEY] = call.call_id
             self.pipeline.fail(call, _proxy_refusal(flow.error.msg if flow.error else "", self._body_limit))
+            return call.call_id
         except Exception:  # noqa: BLE001 - an audit failure must not break mitmproxy's error path
             log.exception("could not audit a request the proxy refused")
+            return ""
 
-    def refuse_unparsable_head(self, client: connection.Client, message: str) -> str:
-        """Audit a request head mitmproxy could not parse (addons/protocol_errors.py answers it):
-        attributed to the tunnel's agent when it came through one, else only to its address.
-        Returns the call id."""
+    def reserve_call_id(self, client: connection.Client) -> str:
+        """A call id for a refusal mitmproxy answers before the hooks for it run."""
+        self._reserved[client] = call_id = new_call_id()
+        return call_id
+
+    def answered_call_id(self, client: connection.Client, status: int, message: str) -> str:
+        """The call id for mitmproxy's own error answer on ``client`` (addons/protocol_errors.py):
+        the one the error hook recorded, or, when no hook saw the request, a row written now."""
+        call_id = self._answers.pop(client, None)
+        return call_id if call_id is not None else self.refuse_unseen(client, status, clean_message(status, message))
+
+    def refuse_unseen(self, client: connection.Client, status: int, message: str) -> str:
+        """Audit a request mitmproxy refused before any hook saw it (a head it could not parse, no
+        Host): attributed to the tunnel's agent when it came through one, else only to its
+        address. Returns the call id."""
         tunnel = self.tunnels.get(client)
         call = Call(request=GatewayRequest(
             mode="forward", method="", scheme="https" if tunnel else "http", host=tunnel.host if tunnel else "",
             port=0, path="", query="", headers=[], body=b"",
             client_ip=client.peername[0] if client.peername else ""))
         call.identity = tunnel.identity if tunnel else None
-        self.pipeline.fail(call, BadRequest(message))
+        self.pipeline.fail(call, BadRequest(message, code=error_code(status), status=status,
+                                            outcome="rejected" if status < 500 else "error"))
         return call.call_id
 
     async def _unadmitted_call(self, flow: http.HTTPFlow) -> Call:
@@ -440,6 +467,8 @@ class AgentGate:
         when the tunnel or the Proxy-Authorization says who that is."""
         tunnel = self.tunnels.get(flow.client_conn)
         call = Call(request=self._gateway_request(flow, tunnel, with_body=False))
+        if (reserved := self._reserved.pop(flow.client_conn, None)) is not None:
+            call.call_id = reserved  # mitmproxy's answer named it already
         try:
             call.identity = tunnel.identity if tunnel else await self.pipeline.authenticate(
                 "forward", flow.request.headers.get("proxy-authorization"))

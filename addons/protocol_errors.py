@@ -16,17 +16,22 @@ still exists, is still looked up by name where ``Http1Server`` answers (``read_h
 The HTTP/2 and HTTP/3 layers build their error answers inline (``format_error``): an agent
 speaking HTTP/2 inside a tunnel still gets mitmproxy's HTML there.
 
-The call id is not known where mitmproxy answers: ``call_id`` is empty. The gateway audits these
-refusals in the addon's ``error`` hook when mitmproxy had a flow for them (see gateway_addon.py).
+``make_error_response`` does not know which call an answer belongs to, so ``install()`` also
+rewrites the commands two ``Http1Server`` methods yield (both generators of commands):
 
-A request head mitmproxy cannot parse at all gets its 400 with no flow and no hook, and a log
-line that quotes the head (a request line with its query string, a header line with its value).
-``install()`` also wraps ``Http1Server.read_headers`` to watch the commands it yields for that
-case: the refusal is audited through the addon (``AgentGate.refuse_unparsable_head``, attributed
-when the connection is an agent's tunnel), the answer carries the call id, and the log line keeps
-only the parser's reason. On a mitmproxy upgrade, re-check that ``read_headers(self, event)`` still
-answers such a head with ``SendData`` from ``make_error_response(400, str(e))`` while
-``self.request`` is None, and logs it with one ``Log`` command.
+* ``send``, for a ``ResponseProtocolError``: the answer carries the call id the addon's ``error``
+  hook recorded for the connection (``AgentGate.answered_call_id``). When no hook saw the
+  request (mitmproxy refuses an origin-form request with no Host before any hook), the addon
+  audits it there and then;
+* ``read_headers``: a request head mitmproxy cannot parse at all gets its 400 with no flow and no
+  hook, and a log line quoting the head (a request line with its query string, a header line
+  with its value; mitmproxy also logs the bytes of a head the client abandons). The refusal is
+  audited (attributed when the connection is an agent's tunnel), and the answer and the log
+  line keep only the parser's reason.
+
+On a mitmproxy upgrade, re-check that both are still ``(self, event)`` generators, that
+``read_headers`` answers an unparsable head with ``SendData`` while ``self.request`` is None and
+logs it with a ``Log``, and that ``send`` answers a ``ResponseProtocolError`` with ``SendData``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.utils import human
 
-from gateway.errors import error_body, parser_reason
+from gateway.errors import CALL_ID_HEADER, error_body, parser_reason
 
 log = logging.getLogger("agentgate.forward")
 
@@ -68,62 +73,100 @@ def clean_message(status_code: int, message: str) -> str:
 
 
 _last_message = [""]
-"""The message of the answer ``render_error`` built last: read by ``read_headers`` right after
+"""The message of the answer mitmproxy had built last: read by ``read_headers`` right after
 mitmproxy built its 400 for a head it could not parse (the same synchronous step)."""
 
 
-def render_error(status_code: int, message: str = "", call_id: str = "") -> bytes:
+def render_error(status_code: int, message: str = "") -> bytes:
     """Stands in for ``_http1.make_error_response``: the same HTTP/1 answer, as the gateway's JSON
     error, with no ``Server`` header."""
-    status_code = int(status_code)
     _last_message[0] = message
+    return _render(status_code, message, "")
+
+
+def _render(status_code: int, message: str, call_id: str) -> bytes:
+    status_code = int(status_code)
     body = error_body(error_code(status_code), clean_message(status_code, message), call_id)
     headers = {"Content-Type": "application/json", "Connection": "close"}
     if call_id:
-        headers["X-Agentgate-Call-Id"] = call_id
+        headers[CALL_ID_HEADER] = call_id
     resp = http.Response.make(status_code, body, headers)
     return http1.assemble_response(resp)  # make() sets Content-Length
 
 
-def _audit_unparsable(conn: object, reason: str) -> str:
-    """The call id of the audit row for a head ``conn`` sent that could not be parsed ("" when
-    no gateway addon is loaded to audit it)."""
-    addon = ctx.master.addons.get("agentgate") if getattr(ctx, "master", None) else None
+def _gateway_addon() -> Any:
+    return ctx.master.addons.get("agentgate") if getattr(ctx, "master", None) else None
+
+
+def _call_id(ask: Callable[[Any], str]) -> str:
+    """``ask(addon)``: the call id of the audit row an answer belongs to ("" when no gateway addon
+    is loaded, or it failed: the agent still gets its answer)."""
+    addon = _gateway_addon()
     if addon is None:
         return ""
     try:
-        return addon.refuse_unparsable_head(conn, reason)
-    except Exception:  # noqa: BLE001 - the agent still gets its answer
-        log.exception("could not audit a request head that could not be parsed")
+        return ask(addon)
+    except Exception:  # noqa: BLE001
+        log.exception("could not find or write the audit row of the proxy's own answer")
         return ""
 
 
-def _watching(read_headers: Callable[..., Any]) -> Callable[..., Any]:
-    def watched(self: Any, event: events.Event) -> Any:
-        """``Http1Server.read_headers``, with a head it cannot parse audited and its bytes kept out
-        of the answer and the log (see the module docstring)."""
-        gen = read_headers(self, event)
-        reason = ""
+Rewrite = Callable[[Any, events.Event, commands.Command], commands.Command]
+
+
+def _rewriting(method: Callable[..., Any], rewrite: Rewrite) -> Callable[..., Any]:
+    """A layer method (a generator of commands) whose commands pass through ``rewrite`` on their
+    way to mitmproxy; what mitmproxy sends back goes to the method unchanged."""
+    def rewritten(self: Any, event: events.Event) -> Any:
+        gen = method(self, event)
         try:
             cmd = next(gen)
             while True:
-                if isinstance(event, events.DataReceived) and self.request is None:
-                    if isinstance(cmd, commands.SendData):  # mitmproxy's 400 for the head
-                        reason = parser_reason(_last_message[0])
-                        message = f"the request could not be parsed as HTTP/1.1: {reason}"
-                        cmd = commands.SendData(cmd.connection, render_error(
-                            400, message, _audit_unparsable(self.conn, message)))
-                    elif isinstance(cmd, commands.Log):  # "<address>: <error quoting the head>"
-                        cmd = commands.Log(f"{human.format_address(self.conn.peername)}: refused a request head "
-                                           f"that could not be parsed ({reason or 'Malformed request'})", cmd.level)
-                elif isinstance(event, events.ConnectionClosed) and isinstance(cmd, commands.Log):
-                    cmd = commands.Log(f"{human.format_address(self.conn.peername)}: closed the connection before "
-                                       f"its request head was complete", cmd.level)
-                cmd = gen.send((yield cmd))
+                cmd = gen.send((yield rewrite(self, event, cmd)))
         except StopIteration as stop:
             return stop.value
-    watched.__wrapped__ = read_headers  # type: ignore[attr-defined]
-    return watched
+    rewritten.__wrapped__ = method  # type: ignore[attr-defined]
+    rewritten.__name__ = method.__name__
+    return rewritten
+
+
+def _read_headers_rewrite(server: Any, event: events.Event, cmd: commands.Command) -> commands.Command:
+    """``Http1Server.read_headers``: mitmproxy's 400 for a head it refuses names the call.
+
+    * A head it cannot parse at all (``server.request`` is None: no flow, no hook follows) is
+      audited here; the answer and the log line keep only the parser's reason.
+    * A head it parsed but whose framing headers it refuses (conflicting Content-Length) is
+      answered before the hooks for it run: the answer names a call id the addon reserves for
+      the connection, and the error hook's audit row takes it.
+    * A head the client abandoned: the log line no longer quotes its bytes."""
+    if isinstance(event, events.DataReceived) and isinstance(cmd, commands.SendData):
+        message = _last_message[0]
+        if server.request is None:
+            message = f"the request could not be parsed as HTTP/1.1: {parser_reason(message)}"
+            call_id = _call_id(lambda addon: addon.refuse_unseen(server.conn, 400, message))
+        else:
+            call_id = _call_id(lambda addon: addon.reserve_call_id(server.conn))
+        return commands.SendData(cmd.connection, _render(400, message, call_id))
+    if isinstance(cmd, commands.Log) and server.request is None:
+        address = human.format_address(server.conn.peername)
+        if isinstance(event, events.ConnectionClosed):
+            return commands.Log(f"{address}: closed the connection before its request head was complete", cmd.level)
+        return commands.Log(f"{address}: the request could not be parsed as HTTP/1.1: "
+                            f"{parser_reason(_last_message[0])}", cmd.level)
+    return cmd
+
+
+_response_protocol_error: list[type | None] = [None]
+"""mitmproxy's ``ResponseProtocolError`` event class, found where ``install()`` found ``send``."""
+
+
+def _send_rewrite(server: Any, event: events.Event, cmd: commands.Command) -> commands.Command:
+    """``Http1Server.send``: mitmproxy's error answer for a flow carries the call id of the flow's
+    audit row (or, when no hook saw the flow, of a row written now)."""
+    if type(event) is _response_protocol_error[0] and isinstance(cmd, commands.SendData):
+        call_id = _call_id(lambda addon: addon.answered_call_id(server.conn, event.code, event.message))
+        return commands.SendData(cmd.connection, _render(event.code, event.message, call_id))
+    return cmd
 
 
 def _signature(fn: Callable[..., object]) -> list[tuple[str, object]] | None:
@@ -142,8 +185,9 @@ def _mitmproxy_http1() -> ModuleType | None:
 
 def install(target: ModuleType | None = None) -> bool:
     """Replace ``target.make_error_response`` (default: mitmproxy's ``_http1``) with
-    ``render_error``, and watch ``target.Http1Server.read_headers``. True once installed (again: a
-    no-op); False, with a warning, when either is not there in the expected form."""
+    ``render_error``, and rewrite the commands of ``target.Http1Server.read_headers`` and ``send``
+    (see the module docstring). True once installed (again: a no-op); False, with a warning, when
+    any of them is not there in the expected form."""
     module = target if target is not None else _mitmproxy_http1()
     current = getattr(module, "make_error_response", None)
     if current is not render_error:
@@ -153,12 +197,18 @@ def install(target: ModuleType | None = None) -> bool:
             return False
         setattr(module, "make_error_response", render_error)
     server = getattr(module, "Http1Server", None)
-    read_headers = getattr(server, "read_headers", None)
-    if read_headers is None or not inspect.isgeneratorfunction(read_headers) or \
-            [p.name for p in inspect.signature(read_headers).parameters.values()] != ["self", "event"]:
-        log.warning("mitmproxy's Http1Server.read_headers is missing or changed: a request head the forward "
-                    "proxy cannot parse is not audited (see addons/protocol_errors.py)")
+    methods = {"read_headers": _read_headers_rewrite, "send": _send_rewrite}
+    found = {name: getattr(server, name, None) for name in methods}
+    if not isinstance(getattr(module, "ResponseProtocolError", None), type) or any(
+           fn is None or not inspect.isgeneratorfunction(fn)
+           or [p.name for p in inspect.signature(fn).parameters.values()] != ["self", "event"]
+           for fn in found.values()):
+        log.warning("mitmproxy's Http1Server.read_headers or send is missing or changed: the forward proxy's "
+                    "own answers carry no call id, and a request head it cannot parse is not audited "
+                    "(see addons/protocol_errors.py)")
         return False
-    if not hasattr(read_headers, "__wrapped__"):
-        server.read_headers = _watching(read_headers)
+    _response_protocol_error[0] = getattr(module, "ResponseProtocolError", None)
+    for name, fn in found.items():
+        if not hasattr(fn, "__wrapped__"):
+            setattr(server, name, _rewriting(fn, methods[name]))
     return True

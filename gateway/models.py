@@ -77,12 +77,16 @@ class GatewayRequest:
         return None
 
 
+def new_call_id() -> str:
+    return str(uuid.uuid4())
+
+
 @dataclass(slots=True)
 class Call:
     """One call's state from arrival to its audit row. Front ends never build rows themselves."""
 
     request: GatewayRequest
-    call_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    call_id: str = field(default_factory=new_call_id)
     trace_id: str = ""
     ts_start_ns: int = field(default_factory=time.time_ns)
     t0: float = field(default_factory=time.perf_counter)

@@ -52,6 +52,7 @@ def _json_error(status: int, headers: dict[str, str], body: bytes, expected: tup
     err = json.loads(body)["error"]
     assert err["code"] == expected[1] and err["message"] and "<" not in err["message"], err
     assert "mitmproxy" not in err["message"].lower(), err
+    assert err["call_id"] and headers[CALL_ID] == err["call_id"], (headers, err)  # the audit row's
     return err
 
 
@@ -65,13 +66,14 @@ def _rows(gw: Gateway, path: str, keys: Keys, upstream: Upstream) -> list[dict[s
         status, headers, _ = read_response(sock)
     assert status == 200
     gw.audit_row(headers[CALL_ID])
-    return gw.sql("SELECT agent_id, status, error_code, outcome FROM agentgate.calls FINAL "
+    return gw.sql("SELECT agent_id, status, error_code, outcome, call_id FROM agentgate.calls FINAL "
                   f"WHERE path = '{path}'")
 
 
 def _poll_rows(gw: Gateway, path: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
-    query = f"SELECT agent_id, status, error_code, outcome, host FROM agentgate.calls FINAL WHERE path = '{path}'"
+    query = (f"SELECT agent_id, status, error_code, outcome, host, call_id FROM agentgate.calls FINAL "
+             f"WHERE path = '{path}'")
     wait_until(lambda: bool(found.extend(gw.sql(query)) or found), timeout=15, what=f"the audit row of {path}")
     return found
 
@@ -127,6 +129,16 @@ def test_an_unparsable_head_in_a_tunnel_is_audited_for_its_agent(gw: Gateway, ke
     assert MARK not in gw.logs()
 
 
+def test_a_request_naming_no_destination_is_audited(gw: Gateway) -> None:
+    """mitmproxy refuses an origin-form request with no Host before any hook runs."""
+    status, headers, body = _split_raw(_raw_exchange(gw, b"GET /errors/nowhere HTTP/1.1\r\n\r\n"))
+    err = _json_error(status, headers, body, (400, "bad_request"))
+    row = _row_by_call_id(gw, err["call_id"])
+    assert (row["mode"], row["client_ip"], row["status"], row["error_code"], row["outcome"]) == (
+        "forward", "127.0.0.1", 400, "bad_request", "rejected"), row
+    assert row["reasons"] == ["HTTP request has no host header, destination unknown."]
+
+
 def test_a_head_cut_off_by_the_agent_is_not_logged(gw: Gateway) -> None:
     """mitmproxy logged the bytes of a head the client closed before finishing; a token in them
     went into the gateway's log."""
@@ -152,10 +164,10 @@ def test_body_over_the_limit_gets_json_413_audited_once(gw: Gateway, keys: Keys,
         sock.sendall(f"POST http://127.0.0.1:{upstream.port}/errors/{framing} HTTP/1.1\r\n"
                      f"Host: 127.0.0.1:{upstream.port}\r\nProxy-Authorization: Bearer {token}\r\n".encode()
                      + body_part)
-        _json_error(*read_response(sock), (413, "request_too_large"))
+        err = _json_error(*read_response(sock), (413, "request_too_large"))
     rows = _rows(gw, f"/errors/{framing}", keys, upstream)
-    assert [(r["agent_id"], r["status"], r["error_code"], r["outcome"]) for r in rows] == [
-        (f"big-{framing}-bot", 413, "request_too_large", "rejected")]
+    assert [(r["agent_id"], r["status"], r["error_code"], r["outcome"], r["call_id"]) for r in rows] == [
+        (f"big-{framing}-bot", 413, "request_too_large", "rejected", err["call_id"])]
 
 
 # (c) An upstream nothing listens on: mitmproxy's 502, inside a tunnel and for plain HTTP.
@@ -165,10 +177,10 @@ def test_unreachable_upstream_in_tunnel_gets_json_502_audited_for_the_agent(gw: 
     with tunnel(gw, f"127.0.0.1:{closed_port}", token, gw.ca_file) as sock:
         sock.sendall(f"GET /errors/unreachable-tls HTTP/1.1\r\nHost: 127.0.0.1:{closed_port}\r\n\r\n".encode())
         status, headers, body = read_response(sock)
-    _json_error(status, headers, body, (502, "upstream_error"))
+    err = _json_error(status, headers, body, (502, "upstream_error"))
     (row,) = _poll_rows(gw, "/errors/unreachable-tls")
-    assert (row["agent_id"], row["status"], row["error_code"], row["outcome"], row["host"]) == (
-        "unreachable-bot", 502, "upstream_error", "upstream_error", "127.0.0.1")
+    assert (row["agent_id"], row["status"], row["error_code"], row["outcome"], row["host"], row["call_id"]) == (
+        "unreachable-bot", 502, "upstream_error", "upstream_error", "127.0.0.1", err["call_id"])
 
 
 def test_unreachable_upstream_plain_http_gets_json_502(gw: Gateway, keys: Keys, closed_port: int) -> None:
@@ -176,9 +188,10 @@ def test_unreachable_upstream_plain_http_gets_json_502(gw: Gateway, keys: Keys, 
     with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
         sock.sendall(f"GET http://127.0.0.1:{closed_port}/errors/unreachable-plain HTTP/1.1\r\n"
                      f"Host: 127.0.0.1:{closed_port}\r\nProxy-Authorization: Bearer {token}\r\n\r\n".encode())
-        _json_error(*read_response(sock), (502, "upstream_error"))
+        err = _json_error(*read_response(sock), (502, "upstream_error"))
     (row,) = _poll_rows(gw, "/errors/unreachable-plain")
-    assert (row["agent_id"], row["status"], row["error_code"]) == ("unreachable-bot", 502, "upstream_error")
+    assert (row["agent_id"], row["status"], row["error_code"], row["call_id"]) == (
+        "unreachable-bot", 502, "upstream_error", err["call_id"])
 
 
 # Headers mitmproxy refuses after it made a flow for them, and a body the agent never finished:
@@ -190,10 +203,10 @@ def test_invalid_headers_in_tunnel_get_json_400_audited_for_the_agent(gw: Gatewa
         sock.sendall(f"POST /errors/bad-headers HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
                      f"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello".encode())
         status, headers, body = read_response(sock)
-    _json_error(status, headers, body, (400, "bad_request"))
+    err = _json_error(status, headers, body, (400, "bad_request"))
     rows = _rows(gw, "/errors/bad-headers", keys, upstream)
-    assert [(r["agent_id"], r["status"], r["error_code"], r["outcome"]) for r in rows] == [
-        ("sloppy-bot", 400, "bad_request", "rejected")]
+    assert [(r["agent_id"], r["status"], r["error_code"], r["outcome"], r["call_id"]) for r in rows] == [
+        ("sloppy-bot", 400, "bad_request", "rejected", err["call_id"])]
     assert "/errors/bad-headers" not in upstream.paths()
 
 
@@ -228,10 +241,11 @@ def test_agent_hanging_up_before_the_answer_is_client_closed_not_an_upstream_err
 def test_install_replaces_mitmproxys_error_page(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_http1, "make_error_response", _http1.make_error_response)  # restored afterwards
     monkeypatch.setattr(_http1.Http1Server, "read_headers", _http1.Http1Server.read_headers)
+    monkeypatch.setattr(_http1.Http1Server, "send", _http1.Http1Server.send)
     assert protocol_errors.install() and protocol_errors.install()  # idempotent
     assert _http1.make_error_response is protocol_errors.render_error
-    watched = _http1.Http1Server.read_headers
-    assert watched.__wrapped__ is not None and not hasattr(watched.__wrapped__, "__wrapped__")  # wrapped once
+    for watched in (_http1.Http1Server.read_headers, _http1.Http1Server.send):
+        assert watched.__wrapped__ is not None and not hasattr(watched.__wrapped__, "__wrapped__")  # wrapped once
     raw = _http1.make_error_response(502, "<b>mitmproxy's</b> " + "x" * 1000)
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 502 ") and b"server:" not in head.lower()
@@ -265,6 +279,7 @@ def test_install_leaves_a_changed_read_headers_alone(monkeypatch: pytest.MonkeyP
     module = ModuleType("changed")
     module.make_error_response = _http1.make_error_response  # type: ignore[attr-defined]
     module.Http1Server = Http1Server  # type: ignore[attr-defined]
+    module.ResponseProtocolError = _http1.ResponseProtocolError  # type: ignore[attr-defined]
     with caplog.at_level(logging.WARNING, logger="agentgate.forward"):
         assert protocol_errors.install(module) is False
     assert Http1Server.__dict__["read_headers"].__name__ == "read_headers"
