@@ -85,7 +85,12 @@ def _read_head(sock, step: int) -> tuple[int, dict[str, str], bytes]:
         if not chunk:
             break
         buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
+    return split_response(buf)
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, lower-cased headers, the bytes after the head) of a raw response."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -93,6 +98,16 @@ def _read_head(sock, step: int) -> tuple[int, dict[str, str], bytes]:
             k, _, v = line.partition(":")
             headers[k.strip().lower()] = v.strip()
     return int(lines[0].split()[1]), headers, rest
+
+
+def exchange(addr: tuple[str, int], raw: bytes, timeout: float = 20.0) -> bytes:
+    """Everything the server at ``addr`` answers to ``raw``, until it closes the connection."""
+    with socket.create_connection(addr, timeout=timeout) as sock:
+        sock.sendall(raw)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
 
 
 def through_proxy(gw, raw: bytes, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:

@@ -16,7 +16,7 @@ from mitmproxy.proxy.layers.http import _http1
 
 from addons import protocol_errors
 from tests.conftest import Gateway, Keys, Upstream, wait_until
-from tests.raw_http import proxy_addr, read_response, tunnel
+from tests.raw_http import exchange, proxy_addr, read_response, split_response, tunnel
 
 CALL_ID = "x-agentgate-call-id"
 LIMIT = 1 << 20  # the smallest proxy.max_body_bytes the configuration takes
@@ -34,16 +34,6 @@ def closed_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
-
-
-def _raw_exchange(gw: Gateway, raw: bytes) -> bytes:
-    """Everything the proxy answers to ``raw`` until it closes the connection."""
-    with socket.create_connection(proxy_addr(gw), timeout=20) as sock:
-        sock.sendall(raw)
-        out = b""
-        while chunk := sock.recv(65536):
-            out += chunk
-    return out
 
 
 def _json_error(status: int, headers: dict[str, str], body: bytes, expected: tuple[int, str]) -> dict[str, Any]:
@@ -83,33 +73,18 @@ def _poll_rows(gw: Gateway, path: str) -> list[dict[str, Any]]:
 MARK = "S3CRET-9e107d9d"
 
 
-def _split_raw(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
-
-
-def _row_by_call_id(gw: Gateway, call_id: str) -> dict[str, Any]:
-    found: list[dict[str, Any]] = []
-    query = ("SELECT agent_id, mode, host, client_ip, status, error_code, outcome, reasons FROM agentgate.calls FINAL "
-             f"WHERE call_id = '{call_id}'")
-    wait_until(lambda: bool(found.extend(gw.sql(query)) or found), timeout=15, what=f"the audit row of {call_id}")
-    return found[0]
-
-
 @pytest.mark.parametrize("head", [b"HELLO THERE NOT HTTP " + MARK.encode() + b"\r\n\r\n",
                                   f"GET http://example.test/?token={MARK} HTTP/1.1 junk\r\n\r\n".encode(),
                                   f"GET http://example.test/ HTTP/1.1\r\nProxy-Authorization Bearer {MARK}\r\n\r\n"
                                   .encode()], ids=["not-http", "request-line", "header-line"])
 def test_an_unparsable_request_head_gets_json_400_and_an_audit_row(gw: Gateway, head: bytes) -> None:
-    raw = _raw_exchange(gw, head)
+    raw = exchange(proxy_addr(gw), head)
     assert b"mitmproxy" not in raw.lower() and MARK.encode() not in raw, raw
-    status, headers, body = _split_raw(raw)
+    status, headers, body = split_response(raw)
     err = _json_error(status, headers, body, (400, "bad_request"))
     assert err["message"].startswith("the request could not be parsed as HTTP/1.1: "), err
     assert err["call_id"] and headers[CALL_ID] == err["call_id"] and headers["connection"] == "close"
-    row = _row_by_call_id(gw, err["call_id"])
+    row = gw.audit_row(err["call_id"])
     assert (row["agent_id"], row["mode"], row["client_ip"], row["status"], row["error_code"], row["outcome"]) == (
         "", "forward", "127.0.0.1", 400, "bad_request", "rejected"), row
     assert row["reasons"] == [err["message"]]
@@ -123,7 +98,7 @@ def test_an_unparsable_head_in_a_tunnel_is_audited_for_its_agent(gw: Gateway, ke
         status, headers, body = read_response(sock)
     err = _json_error(status, headers, body, (400, "bad_request"))
     assert MARK not in err["message"]
-    row = _row_by_call_id(gw, err["call_id"])
+    row = gw.audit_row(err["call_id"])
     assert (row["agent_id"], row["host"], row["status"], row["error_code"]) == (
         "garbled-bot", "127.0.0.1", 400, "bad_request"), row
     assert MARK not in gw.logs()
@@ -131,9 +106,9 @@ def test_an_unparsable_head_in_a_tunnel_is_audited_for_its_agent(gw: Gateway, ke
 
 def test_a_request_naming_no_destination_is_audited(gw: Gateway) -> None:
     """mitmproxy refuses an origin-form request with no Host before any hook runs."""
-    status, headers, body = _split_raw(_raw_exchange(gw, b"GET /errors/nowhere HTTP/1.1\r\n\r\n"))
+    status, headers, body = split_response(exchange(proxy_addr(gw), b"GET /errors/nowhere HTTP/1.1\r\n\r\n"))
     err = _json_error(status, headers, body, (400, "bad_request"))
-    row = _row_by_call_id(gw, err["call_id"])
+    row = gw.audit_row(err["call_id"])
     assert (row["mode"], row["client_ip"], row["status"], row["error_code"], row["outcome"]) == (
         "forward", "127.0.0.1", 400, "bad_request", "rejected"), row
     assert row["reasons"] == ["HTTP request has no host header, destination unknown."]

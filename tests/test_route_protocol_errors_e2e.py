@@ -22,7 +22,7 @@ import pytest
 
 from gateway.http_server import parse_refusal
 from tests.conftest import Gateway, Keys, Upstream, serving, wait_until
-from tests.raw_http import read_response
+from tests.raw_http import exchange, read_response, split_response
 
 MARK = "S3CRET-d41d8cd9"
 """Sent inside each malformed request; must appear in no answer, audit row or log line."""
@@ -43,25 +43,9 @@ def gw(gateway_factory, upstream: Upstream) -> Gateway:
                            name="route-protocol-errors")
 
 
-def _connect(addr: str) -> socket.socket:
-    host, port = addr.rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=20)
-
-
-def _read_all(sock: socket.socket, timeout: float = 10) -> bytes:
-    """Everything the gateway sends until it closes the connection."""
-    sock.settimeout(timeout)
-    out = b""
-    while chunk := sock.recv(65536):
-        out += chunk
-    return out
-
-
-def _split(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
+def _addr(hostport: str) -> tuple[str, int]:
+    host, port = hostport.rsplit(":", 1)
+    return host, int(port)
 
 
 def _row(gw: Gateway, where: str) -> dict[str, Any]:
@@ -89,10 +73,8 @@ UNPARSABLE = {
 
 @pytest.mark.parametrize("name", list(UNPARSABLE))
 def test_a_request_aiohttp_cannot_parse_gets_json_and_an_audit_row(gw: Gateway, name: str) -> None:
-    with _connect(gw.routes) as sock:
-        sock.sendall(UNPARSABLE[name])
-        raw = _read_all(sock)
-    status, headers, body = _split(raw)
+    raw = exchange(_addr(gw.routes), UNPARSABLE[name])
+    status, headers, body = split_response(raw)
     assert status == 400, raw[:300]
     assert (headers["content-type"], headers["server"]) == ("application/json", "agentgate"), headers
     error = json.loads(body)["error"]
@@ -100,7 +82,7 @@ def test_a_request_aiohttp_cannot_parse_gets_json_and_an_audit_row(gw: Gateway, 
     assert error["message"].startswith("the request could not be parsed as HTTP/1.1"), error
     assert error["call_id"] and headers["x-agentgate-call-id"] == error["call_id"]
     assert MARK.encode() not in raw
-    row = _row(gw, f"call_id = '{error['call_id']}'")
+    row = gw.audit_row(error["call_id"])
     assert (row["mode"], row["route"], row["client_ip"], row["status"], row["error_code"], row["outcome"]) == (
         "route", "", "127.0.0.1", 400, "bad_request", "rejected"), row
     assert row["reasons"] == [error["message"]] and MARK not in json.dumps(row)
@@ -108,9 +90,7 @@ def test_a_request_aiohttp_cannot_parse_gets_json_and_an_audit_row(gw: Gateway, 
 
 
 def test_the_admin_listener_answers_unparsable_requests_in_json_too(gw: Gateway) -> None:
-    with _connect(gw.admin) as sock:
-        sock.sendall(b"GARBAGE\r\n\r\n")
-        status, headers, body = _split(_read_all(sock))
+    status, headers, body = split_response(exchange(_addr(gw.admin), b"GARBAGE\r\n\r\n"))
     assert (status, headers["server"], json.loads(body)["error"]["code"]) == (400, "agentgate", "bad_request")
 
 
@@ -119,7 +99,7 @@ def test_chunk_framing_broken_after_the_head_is_refused_at_once(gw: Gateway, key
     request's handler runs, so the broken chunk arrives while the handler reads the body."""
     path = "/proto/broken-chunk"
     token = keys.token("framing-bot", roles=["writer"])
-    with _connect(gw.routes) as sock:
+    with socket.create_connection(_addr(gw.routes), timeout=20) as sock:
         sock.sendall((f"POST /r/c{path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
                       "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
                       "Expect: 100-continue\r\n\r\n").encode())
@@ -144,7 +124,7 @@ def test_a_body_that_stops_arriving_is_refused_408(gw: Gateway, keys: Keys, upst
                                                    framing: str, sent: bytes) -> None:
     path = f"/proto/stalled-{framing.split(':')[0].lower()}"
     token = keys.token("slow-bot", roles=["writer"])
-    with _connect(gw.routes) as sock:
+    with socket.create_connection(_addr(gw.routes), timeout=20) as sock:
         sock.sendall((f"POST /r/c{path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
                       f"Content-Type: application/json\r\n{framing}\r\n").encode() + sent)
         status, headers, body = read_response(sock, timeout=10)
@@ -159,9 +139,7 @@ def test_a_body_that_stops_arriving_is_refused_408(gw: Gateway, keys: Keys, upst
 @pytest.mark.parametrize("sent", [b"", b"GET /r/c/proto/never-finished HTTP/1.1\r\nHost: gw\r\n"],
                          ids=["nothing", "half-a-head"])
 def test_a_connection_with_no_request_in_progress_is_closed(gw: Gateway, sent: bytes) -> None:
-    with _connect(gw.routes) as sock:
-        sock.sendall(sent)
-        assert _read_all(sock, timeout=IDLE + 10) == b""  # closed, without an answer
+    assert exchange(_addr(gw.routes), sent, timeout=IDLE + 10) == b""  # closed, without an answer
 
 
 @pytest.mark.parametrize("message,reason", [
