@@ -123,20 +123,25 @@ class RouteFrontEnd:
         A body that stops arriving for ``listen.body_timeout_seconds`` is refused (nginx's
         ``client_body_timeout``): aiohttp itself would wait for it as long as the agent keeps
         the connection open."""
+        content = request.content
         body = bytearray()
-        loop = asyncio.get_running_loop()
         try:
+            if content.is_eof():  # all of it arrived with the head (most bodies): nothing to wait for
+                return await request.read(), None
+            loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.body_timeout) as stall:
-                while chunk := await request.content.readany():
+                while chunk := await content.readany():
                     body += chunk
                     if len(body) > self.max_body:
                         return b"", request_too_large(self.max_body)
                     stall.reschedule(loop.time() + self.body_timeout)
+        except web.HTTPRequestEntityTooLarge:
+            return b"", request_too_large(self.max_body)
         except TimeoutError:
             return b"", GatewayError(f"no request body bytes for {self.body_timeout:g} s", code="request_timeout",
                                      status=408, outcome="rejected")
         except MalformedBody as exc:  # broken chunk framing (gateway/http_server.py)
-            request.content.feed_eof()  # nothing more comes: aiohttp must not linger over the rest
+            content.feed_eof()  # nothing more comes: aiohttp must not linger over the rest
             return b"", exc.refusal
         except ConnectionError:  # the agent hung up mid-body (aiohttp: "Connection lost")
             return b"", client_closed(INCOMPLETE_BODY)
