@@ -8,10 +8,14 @@ could audit. aiohttp has no hook for that answer (aio-libs/aiohttp#3287), only t
 builds its server with a ``RequestHandler`` subclass whose ``handle_error`` answers the
 gateway's JSON error and reports the refusal (the route front end audits it).
 
+The same subclass ends a body whose chunk framing breaks after its head was read (aiohttp would
+leave it waiting; see ``_Handler.data_received``).
+
 On an aiohttp upgrade, re-check that ``AppRunner._make_server`` still returns a ``web.Server``
-whose ``__call__`` makes the connection's ``RequestHandler`` from ``_loop`` and ``_kwargs``, and
-that ``handle_error(request, status, exc, message)`` still makes the parse-error answers;
-tests/test_route_hardening_e2e.py fails if any of that stops holding.
+whose ``__call__`` makes the connection's ``RequestHandler`` from ``_loop`` and ``_kwargs``; that
+``handle_error(request, status, exc, message)`` still makes the parse-error answers; and that
+``data_received`` still queues ``(_ErrInfo, payload)`` in ``_messages`` for a parse error.
+tests/test_route_protocol_errors_e2e.py fails if any of that stops holding.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ none. aiohttp's default names the Python and aiohttp versions, which tells a pro
 
 OnBadRequest = Callable[[str, GatewayError], str]
 """Called with the client's address and the refusal; returns the call id of its audit row."""
+
 
 async def name_the_server(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """``on_response_prepare``: aiohttp fills in its default ``Server`` before this signal; a
