@@ -207,7 +207,8 @@ class AgentGate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A body declared larger than mitmproxy's body_size_limit: mitmproxy answers 413 itself
         right after this hook and never calls request(); record the refusal here."""
-        self._answers.pop(flow.client_conn, None)  # a new request: no earlier error answer is due
+        if self._answers:  # a new request: no earlier error answer is due
+            self._answers.pop(flow.client_conn, None)
         limit = self._body_limit
         declared = flow.request.headers.get("content-length", "")
         if limit is None or not declared.isdigit() or int(declared) <= limit:
@@ -446,20 +447,21 @@ class AgentGate:
         """The call id for mitmproxy's own error answer on ``client`` (addons/protocol_errors.py):
         the one the error hook recorded, or, when no hook saw the request, a row written now."""
         call_id = self._answers.pop(client, None)
-        return call_id if call_id is not None else self.refuse_unseen(client, status, clean_message(status, message))
+        if call_id is not None:
+            return call_id
+        return self.refuse_unseen(client, GatewayError(clean_message(status, message), code=error_code(status),
+                                                       status=status, outcome="rejected" if status < 500 else "error"))
 
-    def refuse_unseen(self, client: connection.Client, status: int, message: str) -> str:
+    def refuse_unseen(self, client: connection.Client, err: GatewayError) -> str:
         """Audit a request mitmproxy refused before any hook saw it (a head it could not parse, no
         Host): attributed to the tunnel's agent when it came through one, else only to its
         address. Returns the call id."""
         tunnel = self.tunnels.get(client)
-        call = Call(request=GatewayRequest(
-            mode="forward", method="", scheme="https" if tunnel else "http", host=tunnel.host if tunnel else "",
-            port=0, path="", query="", headers=[], body=b"",
-            client_ip=client.peername[0] if client.peername else ""))
+        call = Call(request=GatewayRequest.unparsed(
+            "forward", client.peername[0] if client.peername else "",
+            scheme="https" if tunnel else "http", host=tunnel.host if tunnel else ""))
         call.identity = tunnel.identity if tunnel else None
-        self.pipeline.fail(call, BadRequest(message, code=error_code(status), status=status,
-                                            outcome="rejected" if status < 500 else "error"))
+        self.pipeline.fail(call, err)
         return call.call_id
 
     async def _unadmitted_call(self, flow: http.HTTPFlow) -> Call:

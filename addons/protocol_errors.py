@@ -49,7 +49,7 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.utils import human
 
-from gateway.errors import CALL_ID_HEADER, error_body, parser_reason
+from gateway.errors import CALL_ID_HEADER, error_body, parser_reason, unparsable
 
 log = logging.getLogger("agentgate.forward")
 
@@ -140,19 +140,17 @@ def _read_headers_rewrite(server: Any, event: events.Event, cmd: commands.Comman
       the connection, and the error hook's audit row takes it.
     * A head the client abandoned: the log line no longer quotes its bytes."""
     if isinstance(event, events.DataReceived) and isinstance(cmd, commands.SendData):
-        message = _last_message[0]
         if server.request is None:
-            message = f"the request could not be parsed as HTTP/1.1: {parser_reason(message)}"
-            call_id = _call_id(lambda addon: addon.refuse_unseen(server.conn, 400, message))
-        else:
-            call_id = _call_id(lambda addon: addon.reserve_call_id(server.conn))
-        return commands.SendData(cmd.connection, _render(400, message, call_id))
+            err = unparsable(parser_reason(_last_message[0]))
+            call_id = _call_id(lambda addon: addon.refuse_unseen(server.conn, err))
+            return commands.SendData(cmd.connection, _render(400, err.message, call_id))
+        call_id = _call_id(lambda addon: addon.reserve_call_id(server.conn))
+        return commands.SendData(cmd.connection, _render(400, _last_message[0], call_id))
     if isinstance(cmd, commands.Log) and server.request is None:
         address = human.format_address(server.conn.peername)
         if isinstance(event, events.ConnectionClosed):
             return commands.Log(f"{address}: closed the connection before its request head was complete", cmd.level)
-        return commands.Log(f"{address}: the request could not be parsed as HTTP/1.1: "
-                            f"{parser_reason(_last_message[0])}", cmd.level)
+        return commands.Log(f"{address}: {unparsable(parser_reason(_last_message[0])).message}", cmd.level)
     return cmd
 
 

@@ -69,6 +69,12 @@ class GatewayRequest:
     inspected: tuple[int, bytes, str | None] | None = field(default=None, init=False, repr=False, compare=False)
     """gateway/request_body.py's decoded body, kept: (limit, content, problem)."""
 
+    @classmethod
+    def unparsed(cls, mode: Mode, client_ip: str, *, scheme: str = "http", host: str = "") -> GatewayRequest:
+        """A request refused before it could be read: only where it came from is known."""
+        return cls(mode=mode, method="", scheme=scheme, host=host, port=0, path="", query="", headers=[],
+                   body=b"", client_ip=client_ip)
+
     def header(self, name: str) -> str | None:
         lname = name.lower()
         for k, v in self.headers:

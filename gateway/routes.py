@@ -150,8 +150,7 @@ class RouteFrontEnd:
     def refuse_unparsable(self, client_ip: str, err: GatewayError) -> str:
         """Audit a request aiohttp could not parse (gateway/http_server.py answers it): nothing
         about it can be trusted but the address it came from. Returns its call id."""
-        call = Call(request=GatewayRequest(mode="route", method="", scheme="http", host="", port=0, path="",
-                                           query="", headers=[], body=b"", client_ip=client_ip))
+        call = Call(request=GatewayRequest.unparsed("route", client_ip))
         self.pipeline.fail(call, err)
         return call.call_id
 

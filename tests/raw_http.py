@@ -8,9 +8,14 @@ import ssl
 from pathlib import Path
 
 
-def proxy_addr(gw) -> tuple[str, int]:
-    host, port = gw.proxy.rsplit(":", 1)
+def address(hostport: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (as the gateway's listeners are named) as a socket address."""
+    host, port = hostport.rsplit(":", 1)
     return host, int(port)
+
+
+def proxy_addr(gw) -> tuple[str, int]:
+    return address(gw.proxy)
 
 
 def read_response(sock, timeout: float = 20.0) -> tuple[int, dict[str, str], bytes]:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway.echo_guard import REPLACEMENT
 from tests.conftest import Gateway, Keys, Upstream, http, serving
+from tests.raw_http import address
 
 SECRET = "route/Secret+xyz=0123456789"  # "/" and "+": JSON-escaped and percent-encoded forms differ
 HIDDEN = REPLACEMENT.decode()
@@ -146,8 +147,7 @@ def test_streamed_body_with_the_key_split_across_writes(gw: Gateway, keys: Keys)
 
 
 def test_event_stream_is_cut_and_not_held_up(gw: Gateway, keys: Keys, upstream: Upstream) -> None:
-    host, port = gw.routes.rsplit(":", 1)
-    conn = HTTPConnection(host, int(port), timeout=30)
+    conn = HTTPConnection(*address(gw.routes), timeout=30)
     conn.request("GET", "/r/cred/sse", headers=auth(keys))
     resp = conn.getresponse()
     assert resp.status == 200

@@ -24,7 +24,7 @@ import pytest
 import zstandard
 
 from tests.conftest import Gateway, Keys, Upstream, http, serving, wait_until
-from tests.raw_http import proxy_addr, read_response
+from tests.raw_http import address, proxy_addr, read_response
 
 CALL_ID = "x-agentgate-call-id"
 CODINGS: dict[str, Callable[[bytes], bytes]] = {
@@ -99,8 +99,7 @@ def test_a_body_that_does_not_inflate_is_judged_as_sent(gw: Gateway, keys: Keys,
 
 
 def _send(gw: Gateway, raw: bytes) -> socket.socket:
-    host, port = gw.routes.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=20)
+    sock = socket.create_connection(address(gw.routes), timeout=20)
     sock.sendall(raw)
     return sock
 

@@ -15,6 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.conftest import Gateway, Keys, Upstream, http, serving
+from tests.raw_http import address
 
 CALL_ID = "x-agentgate-call-id"
 EMAIL = "ada.lovelace@example.com"
@@ -146,8 +147,7 @@ def test_duplicate_content_encoding_cannot_hide_pii(gw: Gateway, keys: Keys) -> 
 # 4. Headers nominated by Connection are hop-by-hop (RFC 9110 7.6.1) in both directions.
 def test_connection_nominated_headers_are_dropped(gw: Gateway, keys: Keys) -> None:
     SEEN.clear()
-    host, port = gw.routes.rsplit(":", 1)
-    conn = HTTPConnection(host, int(port), timeout=30)  # sends Connection as given (urllib replaces it)
+    conn = HTTPConnection(*address(gw.routes), timeout=30)  # sends Connection as given (urllib replaces it)
     conn.request("GET", "/r/c/hop", headers={**auth(keys), "Connection": "keep-alive, X-Hop-Secret",
                                               "X-Hop-Secret": "agent-hop"})
     resp = conn.getresponse()
@@ -188,8 +188,7 @@ def test_sse_non_data_fields_are_redacted(gw: Gateway, keys: Keys) -> None:
 
 # 8. An agent that hangs up mid-stream is recorded as such, not as a broken upstream.
 def test_agent_hanging_up_mid_stream_is_audited_as_such(gw: Gateway, keys: Keys) -> None:
-    host, port = gw.routes.rsplit(":", 1)
-    conn = HTTPConnection(host, int(port), timeout=30)
+    conn = HTTPConnection(*address(gw.routes), timeout=30)
     conn.request("GET", "/r/c/endless", headers=auth(keys))
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline() == b"data: 0\n"

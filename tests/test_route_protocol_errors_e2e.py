@@ -22,7 +22,7 @@ import pytest
 
 from gateway.http_server import parse_refusal
 from tests.conftest import Gateway, Keys, Upstream, serving, wait_until
-from tests.raw_http import exchange, read_response, split_response
+from tests.raw_http import address, exchange, read_response, split_response
 
 MARK = "S3CRET-d41d8cd9"
 """Sent inside each malformed request; must appear in no answer, audit row or log line."""
@@ -41,11 +41,6 @@ def gw(gateway_factory, upstream: Upstream) -> Gateway:
     return gateway_factory({"routes": {"c": {"upstream": upstream.url}},
                             "listen": {"body_timeout_seconds": BODY_TIMEOUT, "idle_seconds": IDLE}},
                            name="route-protocol-errors")
-
-
-def _addr(hostport: str) -> tuple[str, int]:
-    host, port = hostport.rsplit(":", 1)
-    return host, int(port)
 
 
 def _row(gw: Gateway, where: str) -> dict[str, Any]:
@@ -73,7 +68,7 @@ UNPARSABLE = {
 
 @pytest.mark.parametrize("name", list(UNPARSABLE))
 def test_a_request_aiohttp_cannot_parse_gets_json_and_an_audit_row(gw: Gateway, name: str) -> None:
-    raw = exchange(_addr(gw.routes), UNPARSABLE[name])
+    raw = exchange(address(gw.routes), UNPARSABLE[name])
     status, headers, body = split_response(raw)
     assert status == 400, raw[:300]
     assert (headers["content-type"], headers["server"]) == ("application/json", "agentgate"), headers
@@ -90,7 +85,7 @@ def test_a_request_aiohttp_cannot_parse_gets_json_and_an_audit_row(gw: Gateway, 
 
 
 def test_the_admin_listener_answers_unparsable_requests_in_json_too(gw: Gateway) -> None:
-    status, headers, body = split_response(exchange(_addr(gw.admin), b"GARBAGE\r\n\r\n"))
+    status, headers, body = split_response(exchange(address(gw.admin), b"GARBAGE\r\n\r\n"))
     assert (status, headers["server"], json.loads(body)["error"]["code"]) == (400, "agentgate", "bad_request")
 
 
@@ -99,7 +94,7 @@ def test_chunk_framing_broken_after_the_head_is_refused_at_once(gw: Gateway, key
     request's handler runs, so the broken chunk arrives while the handler reads the body."""
     path = "/proto/broken-chunk"
     token = keys.token("framing-bot", roles=["writer"])
-    with socket.create_connection(_addr(gw.routes), timeout=20) as sock:
+    with socket.create_connection(address(gw.routes), timeout=20) as sock:
         sock.sendall((f"POST /r/c{path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
                       "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
                       "Expect: 100-continue\r\n\r\n").encode())
@@ -124,7 +119,7 @@ def test_a_body_that_stops_arriving_is_refused_408(gw: Gateway, keys: Keys, upst
                                                    framing: str, sent: bytes) -> None:
     path = f"/proto/stalled-{framing.split(':')[0].lower()}"
     token = keys.token("slow-bot", roles=["writer"])
-    with socket.create_connection(_addr(gw.routes), timeout=20) as sock:
+    with socket.create_connection(address(gw.routes), timeout=20) as sock:
         sock.sendall((f"POST /r/c{path} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
                       f"Content-Type: application/json\r\n{framing}\r\n").encode() + sent)
         status, headers, body = read_response(sock, timeout=10)
@@ -139,7 +134,7 @@ def test_a_body_that_stops_arriving_is_refused_408(gw: Gateway, keys: Keys, upst
 @pytest.mark.parametrize("sent", [b"", b"GET /r/c/proto/never-finished HTTP/1.1\r\nHost: gw\r\n"],
                          ids=["nothing", "half-a-head"])
 def test_a_connection_with_no_request_in_progress_is_closed(gw: Gateway, sent: bytes) -> None:
-    assert exchange(_addr(gw.routes), sent, timeout=IDLE + 10) == b""  # closed, without an answer
+    assert exchange(address(gw.routes), sent, timeout=IDLE + 10) == b""  # closed, without an answer
 
 
 @pytest.mark.parametrize("message,reason", [
